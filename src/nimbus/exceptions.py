@@ -1,0 +1,80 @@
+"""Every exception Nimbus raises, in one tree.
+
+```
+NimbusError                      base: everything below carries context, none logs itself
+├── UserError                    the caller's input or configuration is wrong (→ 4xx, CLI exit 2)
+│   ├── ConfigError              bad settings, agent file, unknown model id or tool name
+│   └── ToolDefinitionError      a Python function that cannot become a tool
+├── ModelError                   a model provider failed
+│   ├── ModelHTTPError           the endpoint answered with an error status
+│   ├── ModelConnectionError     the endpoint could not be reached / timed out
+│   └── ModelResponseError       the endpoint answered something we cannot parse
+├── ToolError                    raised *by* a tool to tell the model what went wrong
+└── RunFailed                    a run ended without a final answer (limit, timeout, errors)
+```
+
+Signals that steer the loop (a malformed tool call, a tool that raised) never escape as
+exceptions: the runtime turns them into tool-result messages the model can correct.
+"""
+
+from __future__ import annotations
+
+
+class NimbusError(Exception):
+    """Base class of every Nimbus exception."""
+
+
+class UserError(NimbusError):
+    """The caller's input or configuration is wrong; the message says how."""
+
+
+class ConfigError(UserError):
+    """Invalid settings, agent spec, model id or tool name."""
+
+
+class ToolDefinitionError(UserError):
+    """A Python callable that cannot be turned into a tool."""
+
+
+class ModelError(NimbusError):
+    """A model provider failed; ``endpoint`` names which one."""
+
+    def __init__(self, message: str, *, endpoint: str = "") -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
+
+
+class ModelHTTPError(ModelError):
+    """The model endpoint answered with an HTTP error status."""
+
+    def __init__(self, message: str, *, endpoint: str, status: int, body: str = "") -> None:
+        super().__init__(message, endpoint=endpoint)
+        self.status = status
+        self.body = body
+
+
+class ModelConnectionError(ModelError):
+    """The model endpoint could not be reached or did not answer in time."""
+
+
+class ModelResponseError(ModelError):
+    """The model endpoint answered something that is not a valid completion."""
+
+
+class ToolError(NimbusError):
+    """Raised by a tool to return a clean error message to the model."""
+
+
+class RunFailed(NimbusError):
+    """A run ended without a final answer.
+
+    ``reason`` is a short machine-readable code (``max_steps``, ``timeout``,
+    ``token_budget``, ``tool_call_errors``, ``model_error``); ``run_id`` and ``step``
+    say where it stopped.
+    """
+
+    def __init__(self, message: str, *, reason: str, run_id: str = "", step: int = 0) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.run_id = run_id
+        self.step = step

@@ -1,0 +1,71 @@
+"""Configuration: one pydantic-settings class, read once at the edge and passed down.
+
+Every field is a ``NIMBUS_*`` environment variable (``NIMBUS_DEFAULT_MODEL`` …); the OpenAI
+endpoint also honours the usual ``OPENAI_BASE_URL`` and ``OPENAI_API_KEY``.
+"""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Nimbus settings, from ``NIMBUS_*`` environment variables (and a ``.env`` file)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="NIMBUS_", env_file=".env", extra="ignore", populate_by_name=True
+    )
+
+    default_model: str = Field(
+        default="local:smollm2", description="Model id used when none is given."
+    )
+    openai_base_url: str = Field(
+        default="https://api.openai.com/v1",
+        validation_alias=AliasChoices("NIMBUS_OPENAI_BASE_URL", "OPENAI_BASE_URL"),
+        description="Base URL of the OpenAI-compatible endpoint for `openai:` models.",
+    )
+    openai_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("NIMBUS_OPENAI_API_KEY", "OPENAI_API_KEY"),
+        description="API key sent to the OpenAI-compatible endpoint.",
+    )
+    model_timeout_s: float = Field(
+        default=120.0, gt=0, description="Whole-request timeout of a model call."
+    )
+    model_connect_timeout_s: float = Field(default=10.0, gt=0, description="Connect timeout.")
+    model_max_retries: int = Field(
+        default=2, ge=0, le=10, description="Retries on 408/409/429/5xx."
+    )
+    model_max_connections: int = Field(
+        default=1000, ge=1, description="Connection pool size per model."
+    )
+    local_threads: int | None = Field(
+        default=None, ge=1, description="CPU threads for the local model."
+    )
+    local_context_tokens: int = Field(
+        default=4096, ge=512, description="Context window of local models."
+    )
+    database_url: str = Field(
+        default="sqlite:///.nimbus/nimbus.db",
+        description="sqlite:///path.db (default) or postgresql://user@host:5432/db.",
+    )
+    admin_key: SecretStr | None = Field(
+        default=None, description="Bootstraps an admin API key for tenant `default` at start."
+    )
+    host: str = Field(default="127.0.0.1", description="Address `nimbus serve` listens on.")
+    port: int = Field(default=8123, ge=0, le=65535, description="Port `nimbus serve` listens on.")
+    max_body_bytes: int = Field(
+        default=1_048_576, ge=1024, description="Largest request body (413)."
+    )
+    workers: int = Field(
+        default=256, ge=1, description="Runs executed at once by the in-process pool."
+    )
+    shutdown_grace_s: float = Field(
+        default=10.0, ge=0, description="Time running steps get at shutdown."
+    )
+    log_format: str = Field(default="json", description="`json` or `console`.")
+    http_fetch_allowed_hosts: list[str] | None = Field(
+        default=None,
+        description="If set, `http_fetch` may only fetch these hosts (and subdomains).",
+    )

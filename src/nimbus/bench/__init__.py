@@ -1,0 +1,1 @@
+"""Nimbus bench."""

@@ -1,0 +1,238 @@
+"""``nimbus bench …``: benchmarks (figures come from here, never from timed tests)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from nimbus.exceptions import UserError
+
+bench_app = typer.Typer(help="Benchmarks.", no_args_is_help=True)
+
+MODES = ("floor", "nimbus", "openai-sdk")
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(
+            f"{what} must be a comma-separated list of integers, got {text!r}"
+        ) from None
+    if not values or any(v < 1 for v in values):
+        raise UserError(f"{what} must list positive integers, got {text!r}")
+    return values
+
+
+@bench_app.command("runtime")
+def runtime(
+    runs: Annotated[
+        int, typer.Option(min=1, help="Measured runs per mode and concurrency.")
+    ] = 3000,
+    concurrency: Annotated[
+        str, typer.Option("--concurrency", "-c", help="Comma-separated concurrencies.")
+    ] = "32,256,512",
+    latency_ms: Annotated[
+        float, typer.Option(min=0, help="Fake model latency per call, in ms.")
+    ] = 50.0,
+    modes: Annotated[str, typer.Option(help="Comma-separated: floor,nimbus,openai-sdk.")] = (
+        ",".join(MODES)
+    ),
+    client_cpu: Annotated[int | None, typer.Option(help="Core to pin this process to.")] = 0,
+    server_cpu: Annotated[int | None, typer.Option(help="Core to pin the fake server to.")] = 1,
+    json_output: Annotated[bool, typer.Option("--json", help="Print figures as JSON.")] = False,
+) -> None:
+    """Two-step tool-calling runs against a fake OpenAI-compatible server in another process."""
+    from nimbus.bench.runtime import ModeResult, as_json, bench_runtime, summary
+
+    concurrencies = _int_list(concurrency, "--concurrency")
+    chosen = [m.strip() for m in modes.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in MODES]
+    if unknown or not chosen:
+        raise UserError(f"unknown mode(s) {unknown or modes!r}; modes: {', '.join(MODES)}")
+    cores = os.cpu_count() or 1
+    for name, core in (("--client-cpu", client_cpu), ("--server-cpu", server_cpu)):
+        if core is not None and not 0 <= core < cores:
+            raise UserError(f"{name} {core} is not a core of this machine (0-{cores - 1})")
+    if "openai-sdk" in chosen:
+        try:
+            import openai  # noqa: F401
+        except ImportError:
+            raise UserError(
+                "mode openai-sdk needs the openai package: pip install openai"
+            ) from None
+    console = Console(stderr=json_output, highlight=False, width=120)
+    console.print(
+        f"fake model latency {latency_ms:g} ms/call, {runs} runs per mode, "
+        f"client on core {client_cpu}, server on core {server_cpu}"
+    )
+    header = (
+        f"{'mode':<11}{'C':>5}{'runs/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'CPU us/run':>12}{'us/step':>9}{'effic.':>8}{'server CPU':>11}{'errors':>7}"
+    )
+    console.print(header)
+
+    def report(r: ModeResult) -> None:
+        console.print(
+            f"{r.mode:<11}{r.concurrency:>5}{r.runs_per_s:>10.0f}{r.p50_ms:>9.1f}{r.p99_ms:>9.1f}"
+            f"{r.cpu_us_per_run:>12.0f}{r.cpu_us_per_step:>9.0f}{r.efficiency:>8.1%}"
+            f"{r.server_cpu_pct:>10.0f}%{r.errors:>7}"
+        )
+
+    results = bench_runtime(
+        runs=runs,
+        concurrencies=concurrencies,
+        latency_ms=latency_ms,
+        modes=chosen,
+        client_cpu=client_cpu if cores > 1 else None,
+        server_cpu=server_cpu if cores > 1 else None,
+        report=report,
+    )
+    for row in summary(results):
+        parts = [f"C={row['concurrency']}: nimbus efficiency {row['nimbus_efficiency']:.1%}"]
+        if "nimbus_cpu_vs_floor" in row:
+            parts.append(f"CPU/run {row['nimbus_cpu_vs_floor']:.2f}x the aiohttp floor")
+        if "sdk_cpu_vs_nimbus" in row:
+            parts.append(f"openai SDK uses {row['sdk_cpu_vs_nimbus']:.1f}x the CPU of nimbus")
+        console.print(", ".join(parts))
+    if json_output:
+        sys.stdout.write(as_json(results).decode() + "\n")
+    if any(r.errors for r in results):
+        raise typer.Exit(1)
+
+
+@bench_app.command("server")
+def server(
+    runs: Annotated[
+        int, typer.Option(min=1, help="Measured runs per database, mode and concurrency.")
+    ] = 300,
+    concurrency: Annotated[
+        str, typer.Option("--concurrency", "-c", help="Comma-separated concurrencies.")
+    ] = "1,16,64",
+    latency_ms: Annotated[
+        float, typer.Option(min=0, help="Fake model latency per call, in ms.")
+    ] = 20.0,
+    modes: Annotated[str, typer.Option(help="Comma-separated: stream,wait.")] = "stream,wait",
+    database: Annotated[str, typer.Option(help="sqlite, postgres or both.")] = "both",
+    postgres_url: Annotated[
+        str | None,
+        typer.Option(
+            help="PostgreSQL server to create the bench database on "
+            "(default NIMBUS_TEST_POSTGRES_URL, else postgresql://postgres@127.0.0.1:5432/postgres)."
+        ),
+    ] = None,
+    turns: Annotated[
+        int, typer.Option(min=1, help="Runs per thread, one after another (a conversation).")
+    ] = 5,
+    server_cpu: Annotated[
+        int | None, typer.Option(help="Core for the nimbus server (default: the first).")
+    ] = None,
+    model_cpu: Annotated[
+        int | None, typer.Option(help="Core for the fake model server (default: the second).")
+    ] = None,
+    client_cpu: Annotated[
+        int | None,
+        typer.Option(help="Core for this load client (default: the third, else the second)."),
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print figures as JSON.")] = False,
+) -> None:
+    """Two-step tool-calling runs over HTTP against a live `nimbus serve` (stream and wait)."""
+    from nimbus.bench.processes import DEFAULT_POSTGRES_URL, check_postgres
+    from nimbus.bench.server import (
+        DATABASES,
+        MODES,
+        CellResult,
+        Mode,
+        as_json,
+        bench_server,
+        default_placement,
+    )
+
+    concurrencies = _int_list(concurrency, "--concurrency")
+    chosen: list[Mode] = []
+    for m in (m.strip() for m in modes.split(",") if m.strip()):
+        if m not in MODES:
+            raise UserError(f"unknown mode {m!r}; modes: {', '.join(MODES)}")
+        chosen.append(m)
+    if not chosen:
+        raise UserError(f"--modes lists no mode; modes: {', '.join(MODES)}")
+    if database not in (*DATABASES, "both"):
+        raise UserError(f"--database must be sqlite, postgres or both, got {database!r}")
+    databases = list(DATABASES) if database == "both" else [database]
+    cores = sorted(os.sched_getaffinity(0))
+    placement = default_placement(cores)
+    for name, core, field in (
+        ("--server-cpu", server_cpu, "server_cpu"),
+        ("--model-cpu", model_cpu, "model_cpu"),
+        ("--client-cpu", client_cpu, "client_cpu"),
+    ):
+        if core is None:
+            continue
+        if core not in cores:
+            raise UserError(f"{name} {core} is not a core this process may use ({cores})")
+        setattr(placement, field, core)
+    pg_url = postgres_url or os.environ.get("NIMBUS_TEST_POSTGRES_URL") or DEFAULT_POSTGRES_URL
+    if "postgres" in databases:
+        check_postgres(pg_url)
+
+    console = Console(stderr=json_output, highlight=False, width=150)
+    for line in (
+        f"fake model: {latency_ms:g} ms/call, 2 calls/run; {runs} runs per cell, "
+        f"{turns} runs per thread",
+        f"placement: {placement.describe()}",
+        "added = run time - 2 x model latency; srv ms = nimbus server CPU per run (all threads)",
+        "DB ms = CPU per run of the PostgreSQL backends of the bench database; PG aux = CPU per "
+        "run of the cluster's shared processes (WAL writer, checkpointer, ...)",
+    ):
+        console.print(line)
+    header = (
+        f"{'db':<9}{'mode':<7}{'C':>4}{'runs/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'added p50':>10}{'added p99':>10}{'srv ms':>8}{'DB ms':>7}{'PG aux':>7}"
+        f"{'srv CPU':>8}{'model':>7}{'client':>7}{'errors':>7}"
+    )
+    console.print(header)
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    def report(r: CellResult) -> None:
+        console.print(
+            f"{r.database:<9}{r.mode:<7}{r.concurrency:>4}{r.runs_per_s:>9.1f}{r.p50_ms:>9.1f}"
+            f"{r.p99_ms:>9.1f}{r.added_p50_ms:>10.1f}{r.added_p99_ms:>10.1f}"
+            f"{r.server_cpu_ms_per_run:>8.2f}{ms(r.db_cpu_ms_per_run):>7}"
+            f"{ms(r.pg_aux_cpu_ms_per_run):>7}{r.server_cpu_pct:>7.0f}%{r.model_cpu_pct:>6.0f}%"
+            f"{r.client_cpu_pct:>6.0f}%{r.errors:>7}"
+        )
+        for kind, count in r.error_kinds.items():
+            console.print(f"  {count} x {kind}", markup=False)
+
+    results = bench_server(
+        runs=runs,
+        concurrencies=concurrencies,
+        latency_ms=latency_ms,
+        modes=chosen,
+        databases=databases,
+        postgres_url=pg_url,
+        turns=turns,
+        placement=placement,
+        report=report,
+        announce=console.print,
+    )
+    if results:
+        model = max(r.model_cpu_pct for r in results)
+        client = max(r.client_cpu_pct for r in results)
+        console.print(
+            f"fake model server at most {model:.0f}% of a core, load client at most {client:.0f}%"
+            f" (together {model + client:.0f}% at most): the load generator was not the bottleneck"
+            if model + client < 80
+            else f"fake model server up to {model:.0f}% of a core, client up to {client:.0f}%: "
+            "the load generator may have limited the figures"
+        )
+    if json_output:
+        sys.stdout.write(as_json(results, placement).decode() + "\n")
+    if any(r.errors for r in results):
+        raise typer.Exit(1)

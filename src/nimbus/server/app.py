@@ -1,0 +1,178 @@
+"""The ASGI app: routers, error mapping, limits, logging and metrics, and the lifespan that
+opens the database, applies migrations, bootstraps the admin key and runs the worker pool."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+import structlog
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from nimbus import __version__
+from nimbus.server import errors
+from nimbus.server.agents import AgentFactory
+from nimbus.server.broker import RunBroker
+from nimbus.server.deps import Services
+from nimbus.server.metrics import METRICS
+from nimbus.server.routes import assistants, openai, runs, store, system, threads
+from nimbus.server.worker import WorkerPool
+from nimbus.settings import Settings
+from nimbus.store.database import Database
+from nimbus.store.keys import OPERATOR_TENANT
+from nimbus.tools.builtin import builtin_tools
+
+log = structlog.get_logger("nimbus.server")
+JSON_METHODS = {b"POST", b"PUT", b"PATCH", b"DELETE"}
+
+
+def _problem(status: int, message: str) -> list[Message]:
+    body = orjson.dumps({"detail": message, "status": status})
+    return [
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        },
+        {"type": "http.response.body", "body": body},
+    ]
+
+
+class Guard:
+    """Request ids, access logs, metrics, body-size limit (413, with or without a
+    Content-Length), content type (415) and URLs no database can compare (NUL: 400).
+
+    Pure ASGI, so streaming responses pass through untouched.
+    """
+
+    def __init__(self, app: ASGIApp, max_body: int) -> None:
+        self.app = app
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        method: str = scope["method"]
+        started = time.perf_counter()
+        status_holder = {"status": 500, "started": 0}
+
+        async def send_wrapped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                status_holder["started"] = 1
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        async def reject(status: int, text: str) -> None:
+            for message in _problem(status, text):
+                await send_wrapped(message)
+
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            await reject(413, f"request body over the {self.max_body}-byte limit")
+            return
+        has_body = length not in (None, b"0") or b"transfer-encoding" in headers
+        if method.encode() in JSON_METHODS and has_body:
+            ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            if ctype != b"application/json" and not ctype.endswith(b"+json"):
+                await reject(415, "send JSON with Content-Type: application/json")
+                return
+        if "\x00" in scope["path"] or b"%00" in scope["query_string"].lower():
+            await reject(400, "the URL may not contain NUL (%00) characters")
+            return
+        seen = 0
+
+        async def receive_limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise _TooLarge(413, f"request body over the {self.max_body}-byte limit")
+            return message
+
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        try:
+            await self.app(scope, receive_limited, send_wrapped)
+        except _TooLarge as exc:  # raised where no handler rendered it
+            if status_holder["started"]:
+                raise
+            await reject(413, str(exc.detail))
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            elapsed = time.perf_counter() - started
+            METRICS.http_requests.labels(method, path, str(status_holder["status"])).inc()
+            METRICS.http_seconds.labels(method, path).observe(elapsed)
+            state = scope.get("state") or {}
+            log.info(
+                "http.request",
+                method=method,
+                path=path,
+                status=status_holder["status"],
+                ms=round(elapsed * 1000, 2),
+                tenant=state.get("tenant"),
+            )
+            structlog.contextvars.unbind_contextvars("request_id")
+
+
+class _TooLarge(HTTPException):
+    """The body grew past the limit while it was read: an HTTPException, so that FastAPI's
+    body parsing lets it through to the error handlers (a 413, not a 400)."""
+
+
+def create_app(settings: Settings | None = None, *, workers: bool = True) -> FastAPI:
+    """The Nimbus ASGI app for ``settings``."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = await Database.open(settings.database_url)
+        if settings.admin_key is not None:
+            await db.keys.ensure(
+                settings.admin_key.get_secret_value(), OPERATOR_TENANT, "admin", "NIMBUS_ADMIN_KEY"
+            )
+        broker = RunBroker()
+        agents = AgentFactory(settings, builtin_tools(settings))
+        pool = WorkerPool(db, broker, agents, settings.workers)
+        app.state.services = Services(settings, db, broker, agents, pool)
+        if workers:
+            await pool.start()
+        log.info("server.started", version=__version__)
+        try:
+            yield
+        finally:
+            await pool.stop(settings.shutdown_grace_s)
+            await agents.aclose()
+            await db.close()
+            log.info("server.stopped")
+
+    app = FastAPI(
+        title="Nimbus",
+        version=__version__,
+        lifespan=lifespan,
+        description="LangGraph-compatible agent server with an OpenAI-compatible facade.",
+    )
+    errors.install(app)
+    for module in (system, assistants, threads, runs, store, openai):
+        app.include_router(module.router)
+    app.add_middleware(Guard, max_body=settings.max_body_bytes)
+    return app
+
+
+def app_factory() -> Any:
+    """For ``uvicorn --factory nimbus.server.app:app_factory``."""
+    return create_app()

@@ -1,0 +1,70 @@
+"""Live run events in this process: every event of an active run is kept in memory and fanned
+out to subscribers, so a stream joined late misses nothing (stored events cover the rest)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+StreamEvent = tuple[int, str, Any]  # (seq, event name, data)
+
+
+@dataclass
+class _Channel:
+    events: list[StreamEvent] = field(default_factory=list)
+    subscribers: set[asyncio.Queue[StreamEvent | None]] = field(default_factory=set)
+    closed: bool = False
+
+
+class RunBroker:
+    """Publish/subscribe of run events, per run id."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, _Channel] = {}
+
+    def open(self, run_id: str) -> None:
+        """Start keeping events of ``run_id``."""
+        self._channels.setdefault(run_id, _Channel())
+
+    def publish(self, run_id: str, event: StreamEvent) -> None:
+        """Record and deliver one event (never blocks: slow subscribers buffer)."""
+        channel = self._channels.get(run_id)
+        if channel is None:
+            return
+        channel.events.append(event)
+        for queue in channel.subscribers:
+            queue.put_nowait(event)
+
+    def close(self, run_id: str) -> None:
+        """The run ended: wake subscribers and forget its events."""
+        channel = self._channels.pop(run_id, None)
+        if channel is None:
+            return
+        channel.closed = True
+        for queue in channel.subscribers:
+            queue.put_nowait(None)
+
+    def is_live(self, run_id: str) -> bool:
+        """Whether ``run_id`` is running in this process."""
+        return run_id in self._channels
+
+    async def subscribe(self, run_id: str, after: int = -1) -> AsyncIterator[StreamEvent]:
+        """Events of a live run with ``seq > after``: the past ones, then as they come."""
+        channel = self._channels.get(run_id)
+        if channel is None:
+            return
+        queue: asyncio.Queue[StreamEvent | None] = asyncio.Queue()
+        backlog = [e for e in channel.events if e[0] > after]
+        channel.subscribers.add(queue)
+        try:
+            for event in backlog:
+                yield event
+            last = backlog[-1][0] if backlog else after
+            while (live := await queue.get()) is not None:
+                if live[0] > last:
+                    last = live[0]
+                    yield live
+        finally:
+            channel.subscribers.discard(queue)

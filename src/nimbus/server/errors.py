@@ -1,0 +1,100 @@
+"""Errors as HTTP problems, in one place: every 4xx has a JSON body that says what is wrong,
+and an unexpected failure is a JSON 500 that says nothing about the internals."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nimbus.exceptions import ConfigError, UserError
+from nimbus.store.runs import ThreadBusy
+
+log = structlog.get_logger("nimbus.server")
+
+
+class APIError(Exception):
+    """An HTTP error with a message for the client."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
+
+
+def not_found(what: str, id: str) -> APIError:
+    """404 — the same for a missing id and another tenant's id."""
+    return APIError(404, f"{what} {id!r} not found")
+
+
+def _body(status: int, message: str, errors: Any = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"detail": message, "status": status}
+    if errors is not None:
+        body["errors"] = errors
+    return body
+
+
+def install(app: FastAPI) -> None:
+    """Map every exception to a JSON problem response."""
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(_body(exc.status, exc.message), exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        for err in exc.errors():
+            if err.get("type") == "json_invalid":
+                loc = err.get("loc", ())
+                where = f" at character {loc[-1]}" if len(loc) > 1 else ""
+                reason = (err.get("ctx") or {}).get("error") or "not JSON"
+                return JSONResponse(_body(400, f"malformed JSON body: {reason}{where}"), 400)
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+            problems.append({"loc": loc, "msg": msg})
+        summary = "; ".join(f"{p['loc'] or 'body'}: {p['msg']}" for p in problems[:5])
+        return JSONResponse(_body(422, f"invalid request: {summary}", problems), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            _body(exc.status_code, str(exc.detail)),
+            exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(ThreadBusy)
+    async def busy(_: Request, exc: ThreadBusy) -> JSONResponse:
+        return JSONResponse(
+            _body(
+                409, f"thread {exc.args[0]!r} is busy with another run (multitask_strategy=reject)"
+            ),
+            409,
+        )
+
+    @app.exception_handler(ConfigError)
+    async def config_error(_: Request, exc: ConfigError) -> JSONResponse:
+        return JSONResponse(_body(422, str(exc)), 422)
+
+    @app.exception_handler(UserError)
+    async def user_error(_: Request, exc: UserError) -> JSONResponse:
+        return JSONResponse(_body(422, str(exc)), 422)
+
+    @app.exception_handler(DataError)
+    async def data_error(_: Request, exc: DataError) -> JSONResponse:
+        # A value the database refused (out of range, not representable): the request's fault,
+        # but the driver's message quotes SQL, so it is logged and not sent.
+        log.warning("request.data_error", error=type(exc.orig).__name__)
+        return JSONResponse(_body(422, "a value in the request is out of range or malformed"), 422)
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(_body(500, "internal server error (see the server logs)"), 500)

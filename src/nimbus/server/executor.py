@@ -1,0 +1,315 @@
+"""Executes one run: the agent loop, with every step checkpointed to the database and every
+event stored and published in the LangGraph stream shapes the run asked for."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from nimbus.core.checkpoint import RunState, state_from_json, state_to_json
+from nimbus.core.events import (
+    Event,
+    ModelResponded,
+    RunFailedEvent,
+    RunStarted,
+    StepFinished,
+    TextDeltaEvent,
+    ToolCallFinished,
+)
+from nimbus.core.messages import AssistantMessage, Message, SystemMessage
+from nimbus.core.runtime import AgentRun
+from nimbus.exceptions import NimbusError, RunFailed
+from nimbus.server.agents import AgentFactory, agent_settings, build_agent
+from nimbus.server.broker import RunBroker
+from nimbus.server.langgraph import input_messages, thread_messages, to_lg
+from nimbus.server.metrics import METRICS
+from nimbus.store.database import Database
+from nimbus.store.runs import RunStore
+from nimbus.store.threads import ThreadStore
+
+TOKEN_MODES = {"messages", "messages-tuple", "events"}
+
+
+def stream_modes(kwargs: dict[str, Any]) -> set[str]:
+    """The stream modes a run produces: those asked for, plus ``values`` (for wait/join)."""
+    modes = kwargs.get("stream_mode") or ["values"]
+    if isinstance(modes, str):
+        modes = [modes]
+    return {*modes, "values"}
+
+
+@dataclass
+class _Emitter:
+    """Numbers events, publishes them live and buffers them for the next database write."""
+
+    run_id: str
+    broker: RunBroker
+    seq: int
+    pending: list[tuple[int, str, Any]] = field(default_factory=list)
+
+    def __call__(self, name: str, data: Any) -> None:
+        self.seq += 1
+        event = (self.seq, name, data)
+        self.pending.append(event)
+        self.broker.publish(self.run_id, event)
+
+    def take(self) -> list[tuple[int, str, Any]]:
+        out, self.pending = self.pending, []
+        return out
+
+
+class RunCheckpoints:
+    """CheckpointStore for the core runtime: writes the run state, the thread's values (a
+    checkpoint in its history) and the buffered events, in one transaction per step."""
+
+    def __init__(self, executor: RunExecution) -> None:
+        self.x = executor
+
+    async def save(self, state: RunState) -> None:
+        x = self.x
+        values = x.values(state)
+        async with x.db.engine.begin() as conn:
+            await RunStore.update_in(conn, x.run_id, state=_state_json(state))
+            await ThreadStore.save_checkpoint(
+                conn,
+                x.tenant_id,
+                x.thread_id,
+                values=values,
+                metadata={"run_id": x.run_id, "step": state.step, "source": "loop"},
+                step=state.step,
+                run_id=x.run_id,
+                next_nodes=[] if state.status != "running" else ["agent"],
+            )
+            await RunStore.add_events(conn, x.tenant_id, x.run_id, x.emit.take())
+
+    async def load(self, run_id: str) -> RunState | None:
+        run = await self.x.db.runs.get_any(run_id)
+        return _state_from(run["state"]) if run and run.get("state") else None
+
+
+def _state_json(state: RunState) -> Any:
+    import orjson
+
+    return orjson.loads(state_to_json(state))
+
+
+def _state_from(data: Any) -> RunState:
+    import orjson
+
+    return state_from_json(orjson.dumps(data))
+
+
+class RunExecution:
+    """One attempt at one run."""
+
+    def __init__(
+        self,
+        db: Database,
+        broker: RunBroker,
+        agents: AgentFactory,
+        run: dict[str, Any],
+        assistant: dict[str, Any],
+        thread: dict[str, Any],
+        last_seq: int,
+    ) -> None:
+        self.db, self.broker, self.agents = db, broker, agents
+        self.run = run
+        self.run_id: str = run["run_id"]
+        self.tenant_id: str = run["tenant_id"]
+        self.thread_id: str = run["thread_id"]
+        kwargs = run["kwargs"]
+        self.modes = stream_modes(kwargs)
+        settings = agent_settings(
+            assistant["config"], assistant["context"], kwargs.get("config"), kwargs.get("context")
+        )
+        self.agent = build_agent(assistant["name"], settings, agents.settings)
+        self.thread = thread
+        self.emit = _Emitter(self.run_id, broker, last_seq)
+        self.history = thread_messages(thread.get("values"))
+        self.base = len(self.history)
+        self.system = 1 if self.agent.instructions else 0
+        self.step_started = time.perf_counter()
+        self.meta = {
+            "run_id": self.run_id,
+            "thread_id": self.thread_id,
+            "assistant_id": run["assistant_id"],
+            "graph_id": assistant["graph_id"],
+        }
+
+    # ids: messages of the thread keep theirs; the run's are derived from position, so a
+    # resumed run names its messages exactly as the first attempt did.
+    def message_id(self, index: int) -> str:
+        offset = index - self.system  # the system message is not part of the thread values
+        if offset < self.base:
+            return self.history[offset][0]
+        return f"run-{self.run_id}-{offset}"
+
+    def values(self, state: RunState) -> dict[str, Any]:
+        """The thread values after ``state``: its messages, in LangGraph shape."""
+        return {
+            "messages": [
+                to_lg(m, self.message_id(i))
+                for i, m in enumerate(state.messages)
+                if not isinstance(m, SystemMessage)
+            ]
+        }
+
+    def initial_state(self) -> RunState:
+        messages: list[Message] = [SystemMessage(self.agent.instructions)] if self.system else []
+        messages += [m for _, m in self.history]
+        messages += input_messages(self.run["kwargs"].get("input"))
+        return RunState(self.run_id, messages)
+
+    async def execute(self) -> str:
+        """Run to the end; returns the final status (success / error / interrupted)."""
+        saved = self.run.get("state")
+        state = _state_from(saved) if saved else self.initial_state()
+        checkpoints = RunCheckpoints(self)
+        model = self.agents.model(self.agent.model)
+        tools = self.agents.tools_for(self.agent)
+        self.state = state  # a fresh run is saved at its first step: until then it is rebuilt
+        loop = AgentRun(
+            self.agent,
+            model,
+            tools,
+            state,
+            checkpoints=checkpoints,
+            on_event=self.on_event,
+            stream_tokens=bool(self.modes & TOKEN_MODES),
+        )
+        started = time.perf_counter()
+        try:
+            result = await loop.execute()
+        except RunFailed as exc:
+            await self.finish("error", str(exc), exc.reason)
+            METRICS.runs.labels("error").inc()
+            return "error"
+        except NimbusError as exc:
+            await self.finish("error", str(exc), "error")
+            METRICS.runs.labels("error").inc()
+            return "error"
+        finally:
+            METRICS.run_seconds.observe(time.perf_counter() - started)
+        del result
+        await self.finish("success", None, None)
+        METRICS.runs.labels("success").inc()
+        return "success"
+
+    async def finish(self, status: str, error: str | None, reason: str | None) -> None:
+        if error is not None:
+            self.emit("error", {"error": reason or "RunError", "message": error})
+        async with self.db.engine.begin() as conn:
+            current = await RunStore.status_in(conn, self.run_id)
+            final = "interrupted" if current == "interrupted" else status
+            await RunStore.update_in(
+                conn, self.run_id, status=final, error=error, state=_state_json(self.state)
+            )
+            thread_status = "error" if final == "error" else "idle"
+            if not await RunStore.has_other_active(conn, self.thread_id, self.run_id):
+                await ThreadStore.set_status(conn, self.thread_id, thread_status)
+            await RunStore.add_events(conn, self.tenant_id, self.run_id, self.emit.take())
+
+    # --- core events → LangGraph stream parts -------------------------------------------
+    def on_event(self, event: Event) -> None:
+        modes, emit, state = self.modes, self.emit, self.state
+        if isinstance(event, RunStarted):
+            emit("metadata", {"run_id": self.run_id, "attempt": self.run.get("attempts", 1)})
+            if "values" in modes:
+                emit("values", self.values(state))
+        elif isinstance(event, TextDeltaEvent):
+            ai_id = self.message_id(len(state.messages))
+            chunk = {
+                "type": "AIMessageChunk",
+                "content": event.text,
+                "id": ai_id,
+                "tool_call_chunks": [],
+                "additional_kwargs": {},
+                "response_metadata": {},
+            }
+            meta = {**self.meta, "langgraph_node": "agent", "langgraph_step": event.step}
+            if "messages-tuple" in modes:
+                emit("messages", [chunk, meta])
+            if "events" in modes:
+                emit(
+                    "events",
+                    {
+                        "event": "on_chat_model_stream",
+                        "name": self.agent.model,
+                        "run_id": self.run_id,
+                        "data": {"chunk": chunk},
+                        "metadata": meta,
+                        "tags": [],
+                        "parent_ids": [],
+                    },
+                )
+        elif isinstance(event, ModelResponded):
+            METRICS.model_seconds.labels(self.agent.model).observe(event.duration_s)
+            METRICS.tokens.labels(self.agent.model, "input").inc(event.usage.input_tokens)
+            METRICS.tokens.labels(self.agent.model, "output").inc(event.usage.output_tokens)
+            usage = {
+                "input_tokens": event.usage.input_tokens,
+                "output_tokens": event.usage.output_tokens,
+                "total_tokens": event.usage.total_tokens,
+            }
+            message = to_lg(event.message, self.message_id(len(state.messages)), usage)
+            if "updates" in modes:
+                emit("updates", {"agent": {"messages": [message]}})
+            if "messages-tuple" in modes and (
+                event.message.tool_calls or not event.message.content
+            ):
+                meta = {**self.meta, "langgraph_node": "agent", "langgraph_step": event.step}
+                emit("messages", [{**message, "type": "AIMessageChunk", "content": ""}, meta])
+            if "messages" in modes:
+                emit("messages/complete", [message])
+            if "debug" in modes:
+                emit(
+                    "debug",
+                    self._debug(
+                        "task_result",
+                        event.step,
+                        {"name": "agent", "result": [["messages", [message]]]},
+                    ),
+                )
+        elif isinstance(event, ToolCallFinished):
+            METRICS.tool_seconds.labels(event.result.name).observe(event.duration_s)
+            if event.result.is_error:
+                METRICS.tool_errors.labels(event.result.name).inc()
+            message = to_lg(event.result, self.message_id(len(state.messages) - 1))
+            if "updates" in modes:
+                emit("updates", {"tools": {"messages": [message]}})
+            if "messages-tuple" in modes:
+                emit(
+                    "messages",
+                    [
+                        message,
+                        {**self.meta, "langgraph_node": "tools", "langgraph_step": event.step},
+                    ],
+                )
+            if "messages" in modes:
+                emit("messages/complete", [message])
+        elif isinstance(event, StepFinished):
+            METRICS.steps.inc()
+            if "values" in modes:
+                emit("values", self.values(state))
+            if "debug" in modes:
+                emit("debug", self._debug("checkpoint", event.step, {"values": self.values(state)}))
+        elif isinstance(event, RunFailedEvent):
+            pass  # reported by finish()
+
+    def _debug(self, kind: str, step: int, payload: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "type": kind,
+            "timestamp": datetime.now(UTC).isoformat(),
+            "step": step,
+            "payload": payload,
+        }
+
+
+def final_answer(values: dict[str, Any]) -> AssistantMessage | None:
+    """The last AI message of thread values, if any."""
+    for m in reversed(values.get("messages", [])):
+        if m.get("type") == "ai":
+            return AssistantMessage(m.get("content") or "")
+    return None

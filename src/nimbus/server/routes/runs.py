@@ -1,0 +1,396 @@
+"""/threads/{id}/runs and stateless /runs: create, wait, stream, join, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+import anyio
+import orjson
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from starlette.types import Send
+
+from nimbus.server.agents import GRAPHS
+from nimbus.server.deps import Caller, Services, Svc
+from nimbus.server.errors import APIError, not_found
+from nimbus.server.executor import stream_modes
+from nimbus.server.langgraph import input_messages
+from nimbus.server.routes.threads import get_thread
+from nimbus.server.schemas import RunCreate
+from nimbus.store.keys import Principal
+
+router = APIRouter(tags=["runs"])
+
+FIELDS = (
+    "run_id",
+    "thread_id",
+    "assistant_id",
+    "created_at",
+    "updated_at",
+    "status",
+    "metadata",
+    "multitask_strategy",
+    "kwargs",
+)
+MAX_ID = 64  # the width of the id columns
+RunStatus = Literal["pending", "running", "error", "success", "timeout", "interrupted"]
+MODE_OF_EVENT = {
+    "values": "values",
+    "updates": "updates",
+    "messages": "messages-tuple",
+    "messages/complete": "messages",
+    "messages/partial": "messages",
+    "messages/metadata": "messages",
+    "events": "events",
+    "debug": "debug",
+}
+
+
+def public(row: dict[str, Any]) -> dict[str, Any]:
+    """A run as the API shows it."""
+    return {k: row.get(k) for k in FIELDS}
+
+
+def run_path(run: dict[str, Any], stateless: bool) -> str:
+    """Where a run can be read back."""
+    if stateless:
+        return f"/runs/{run['run_id']}"
+    return f"/threads/{run['thread_id']}/runs/{run['run_id']}"
+
+
+async def create_run(
+    svc: Services,
+    caller: Principal,
+    thread_id: str | None,
+    body: RunCreate,
+    default_modes: Any = None,
+) -> dict[str, Any]:
+    """Validate and queue a run; the worker pool picks it up."""
+    if thread_id is not None and len(thread_id) > MAX_ID:  # no such thread can be stored
+        if body.if_not_exists == "create":
+            raise APIError(422, f"thread_id longer than {MAX_ID} characters")
+        raise not_found("thread", thread_id)
+    assistant = await svc.db.assistants.find(caller.tenant_id, body.assistant_id)
+    if assistant is None and body.assistant_id in GRAPHS:
+        assistant = await svc.db.assistants.ensure_system(caller.tenant_id, body.assistant_id)
+    if not assistant:
+        raise not_found("assistant", body.assistant_id)
+    input_messages(body.input)  # a malformed input is a 422 now, not a failed run later
+    if body.config or body.context:
+        svc.agents.validate(
+            assistant["graph_id"],
+            {**assistant["config"], **(body.config or {})},
+            {**assistant["context"], **(body.context or {})},
+        )
+    kwargs = {
+        "input": body.input,
+        "config": body.config,
+        "context": body.context,
+        "stream_mode": body.stream_mode if default_modes is None else default_modes,
+        "command": body.command,
+        "on_completion": body.on_completion,
+    }
+    run = await svc.db.runs.create(
+        caller.tenant_id,
+        thread_id=thread_id,
+        assistant_id=assistant["assistant_id"],
+        kwargs=kwargs,
+        metadata=body.metadata,
+        multitask_strategy=body.multitask_strategy,
+        if_not_exists=body.if_not_exists,
+        temporary=thread_id is None,
+    )
+    if run is None:
+        raise not_found("thread", thread_id or "")
+    for interrupted in run.pop("interrupted_runs", ()):
+        svc.pool.cancel(interrupted)
+    svc.pool.submit(run["run_id"])
+    return run
+
+
+async def events(svc: Services, run_id: str, modes: set[str], after: int) -> AsyncIterator[bytes]:
+    """SSE frames of a run: stored events after ``after``, then live ones until it ends."""
+    last = after
+    for seq, name, data in await svc.db.runs.events(run_id, after):
+        last = seq
+        if frame := _frame(seq, name, data, modes):
+            yield frame
+    if svc.broker.is_live(run_id):
+        async for seq, name, data in svc.broker.subscribe(run_id, last):
+            last = seq
+            if frame := _frame(seq, name, data, modes):
+                yield frame
+    for seq, name, data in await svc.db.runs.events(run_id, last):
+        if frame := _frame(seq, name, data, modes):
+            yield frame
+
+
+def _frame(seq: int, name: str, data: Any, modes: set[str]) -> bytes | None:
+    mode = MODE_OF_EVENT.get(name)
+    if mode is not None and mode not in modes:
+        return None
+    return b"event: %s\ndata: %s\nid: %d\n\n" % (name.encode(), orjson.dumps(data), seq)
+
+
+def _sse(
+    svc: Services,
+    run: dict[str, Any],
+    modes: set[str],
+    after: int,
+    location: str,
+    cancel_on_disconnect: bool,
+    resumable: bool = True,
+) -> StreamingResponse:
+    async def body() -> AsyncIterator[bytes]:
+        finished = False
+        try:
+            async for frame in events(svc, run["run_id"], modes, after):
+                yield frame
+            finished = True
+        finally:
+            if not finished and cancel_on_disconnect:
+                # The client is gone and this task is being cancelled: without the shield the
+                # first await below would be cancelled too, and the run would go on.
+                with anyio.CancelScope(shield=True):
+                    await svc.db.runs.cancel(run["tenant_id"], run["run_id"], None, "interrupt")
+                svc.pool.cancel(run["run_id"])
+
+    headers = {"Content-Location": location, "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    if resumable:  # the client reconnects to Location with Last-Event-ID when the stream breaks
+        headers["Location"] = f"{location}/stream"
+    return _EventStream(body(), media_type="text/event-stream", headers=headers)
+
+
+class _EventStream(StreamingResponse):
+    """A StreamingResponse that always closes its event generator, so the generator's
+    clean-up runs when the client goes away, whether the server noticed the disconnect
+    (the stream is cancelled) or a write failed (the generator would otherwise wait for GC)."""
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                with anyio.CancelScope(shield=True):
+                    await close()
+
+
+async def wait_for(svc: Services, run: dict[str, Any]) -> dict[str, Any]:
+    """Wait for a run to end; returns it as stored."""
+    done = svc.pool.done_event(run["run_id"])
+    if done is not None:
+        await done.wait()
+    else:
+        # A run of another process: poll (cross-process signals come with #4).
+        while await svc.db.runs.status(run["run_id"]) in ("pending", "running"):  # noqa: ASYNC110
+            await asyncio.sleep(0.2)
+    final = await svc.db.runs.get(run["tenant_id"], run["run_id"])
+    return final or run
+
+
+async def _final_values(svc: Services, run: dict[str, Any]) -> dict[str, Any]:
+    final = await wait_for(svc, run)
+    thread = await svc.db.threads.get(run["tenant_id"], run["thread_id"])
+    values: dict[str, Any] = dict(thread["values"]) if thread else {}
+    if final["status"] == "error":
+        values["__error__"] = {
+            "error": "RunError",
+            "message": final.get("error") or "the run failed",
+        }
+    return values
+
+
+def _last_event_id(value: str | None) -> int:
+    if not value:
+        return -1
+    try:
+        return int(value)
+    except ValueError:
+        raise APIError(422, f"Last-Event-ID must be an event number, got {value!r}") from None
+
+
+async def _finish_stateless(svc: Services, run: dict[str, Any]) -> None:
+    if (run["kwargs"].get("on_completion") or "delete") == "delete":
+        await wait_for(svc, run)
+        await svc.db.threads.delete(run["tenant_id"], run["thread_id"])
+
+
+# --- thread runs ---------------------------------------------------------------------
+
+
+@router.post("/threads/{thread_id}/runs")
+async def create_thread_run(
+    thread_id: str, body: RunCreate, svc: Svc, caller: Caller, response: Response
+) -> dict[str, Any]:
+    """Start a run in the background."""
+    run = await create_run(svc, caller, thread_id, body)
+    response.headers["Content-Location"] = run_path(run, False)
+    return public(run)
+
+
+@router.post("/threads/{thread_id}/runs/stream")
+async def stream_thread_run(
+    thread_id: str, body: RunCreate, svc: Svc, caller: Caller
+) -> StreamingResponse:
+    """Start a run and stream its events (SSE)."""
+    run = await create_run(svc, caller, thread_id, body)
+    return _sse(
+        svc,
+        run,
+        stream_modes(run["kwargs"]) - ({"values"} - _asked(body)),
+        -1,
+        run_path(run, False),
+        body.on_disconnect == "cancel",
+        body.stream_resumable,
+    )
+
+
+def _asked(body: RunCreate) -> set[str]:
+    return {body.stream_mode} if isinstance(body.stream_mode, str) else set(body.stream_mode)
+
+
+@router.post("/threads/{thread_id}/runs/wait")
+async def wait_thread_run(
+    thread_id: str, body: RunCreate, svc: Svc, caller: Caller, response: Response
+) -> dict[str, Any]:
+    """Start a run and return the thread's values when it ends."""
+    run = await create_run(svc, caller, thread_id, body)
+    response.headers["Content-Location"] = run_path(run, False)
+    response.headers["Location"] = run_path(run, False) + "/join"
+    return await _final_values(svc, run)
+
+
+@router.get("/threads/{thread_id}/runs")
+async def list_runs(
+    thread_id: str,
+    svc: Svc,
+    caller: Caller,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 10,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    status: RunStatus | None = None,
+) -> list[dict[str, Any]]:
+    """Runs of a thread, newest first."""
+    await get_thread(svc, caller.tenant_id, thread_id)
+    rows = await svc.db.runs.of_thread(
+        caller.tenant_id, thread_id, limit=limit, offset=offset, status=status
+    )
+    return [public(r) for r in rows]
+
+
+async def _get_run(
+    svc: Services, tenant_id: str, run_id: str, thread_id: str | None
+) -> dict[str, Any]:
+    run = await svc.db.runs.get(tenant_id, run_id, thread_id)
+    if run is None:
+        raise not_found("run", run_id)
+    return run
+
+
+@router.get("/threads/{thread_id}/runs/{run_id}")
+async def get_run(thread_id: str, run_id: str, svc: Svc, caller: Caller) -> dict[str, Any]:
+    """One run."""
+    return public(await _get_run(svc, caller.tenant_id, run_id, thread_id))
+
+
+@router.delete("/threads/{thread_id}/runs/{run_id}", status_code=204)
+async def delete_run(thread_id: str, run_id: str, svc: Svc, caller: Caller) -> Response:
+    """Delete a run that is not active."""
+    run = await _get_run(svc, caller.tenant_id, run_id, thread_id)
+    if run["status"] in ("pending", "running"):
+        raise APIError(409, f"run {run_id!r} is still {run['status']}; cancel it first")
+    await svc.db.runs.delete(caller.tenant_id, run_id, thread_id)
+    return Response(status_code=204)
+
+
+@router.post("/threads/{thread_id}/runs/{run_id}/cancel")
+async def cancel_run(
+    thread_id: str,
+    run_id: str,
+    svc: Svc,
+    caller: Caller,
+    wait: bool = False,
+    action: Literal["interrupt", "rollback"] = "interrupt",
+) -> Response:
+    """Cancel an active run (``action`` interrupt or rollback)."""
+    run = await _get_run(svc, caller.tenant_id, run_id, thread_id)
+    await svc.db.runs.cancel(caller.tenant_id, run_id, thread_id, action)
+    svc.pool.cancel(run_id)
+    if wait:
+        await wait_for(svc, run)
+    return Response(status_code=202 if not wait else 204)
+
+
+@router.get("/threads/{thread_id}/runs/{run_id}/join")
+async def join_run(thread_id: str, run_id: str, svc: Svc, caller: Caller) -> dict[str, Any]:
+    """Wait for a run and return the thread's values."""
+    run = await _get_run(svc, caller.tenant_id, run_id, thread_id)
+    return await _final_values(svc, run)
+
+
+@router.get("/threads/{thread_id}/runs/{run_id}/stream")
+async def join_run_stream(
+    thread_id: str,
+    run_id: str,
+    svc: Svc,
+    caller: Caller,
+    request: Request,
+    stream_mode: Annotated[list[str] | None, Query()] = None,
+    cancel_on_disconnect: bool = False,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> StreamingResponse:
+    """Stream a run's events from the start, or after ``Last-Event-ID``."""
+    run = await _get_run(svc, caller.tenant_id, run_id, thread_id)
+    asked = {m for m in stream_mode or () if m}  # the SDK sends "stream_mode=" for "all"
+    modes = asked or stream_modes(run["kwargs"])
+    return _sse(
+        svc, run, modes, _last_event_id(last_event_id), run_path(run, False), cancel_on_disconnect
+    )
+
+
+# --- stateless runs ------------------------------------------------------------------
+
+
+@router.post("/runs")
+async def create_stateless_run(
+    body: RunCreate, svc: Svc, caller: Caller, response: Response
+) -> dict[str, Any]:
+    """Start a run on a temporary thread."""
+    run = await create_run(svc, caller, None, body)
+    response.headers["Content-Location"] = run_path(run, True)
+    return public(run)
+
+
+@router.post("/runs/stream")
+async def stream_stateless_run(body: RunCreate, svc: Svc, caller: Caller) -> StreamingResponse:
+    """Run on a temporary thread and stream its events."""
+    run = await create_run(svc, caller, None, body)
+    return _sse(
+        svc,
+        run,
+        stream_modes(run["kwargs"]) - ({"values"} - _asked(body)),
+        -1,
+        f"/threads/{run['thread_id']}/runs/{run['run_id']}",
+        body.on_disconnect == "cancel",
+        body.stream_resumable,
+    )
+
+
+@router.post("/runs/wait")
+async def wait_stateless_run(
+    body: RunCreate, svc: Svc, caller: Caller, response: Response
+) -> dict[str, Any]:
+    """Run on a temporary thread and return its final values."""
+    run = await create_run(svc, caller, None, body)
+    response.headers["Content-Location"] = run_path(run, True)
+    values = await _final_values(svc, run)
+    await _finish_stateless(svc, run)
+    return values
+
+
+@router.get("/runs/{run_id}")
+async def get_stateless_run(run_id: str, svc: Svc, caller: Caller) -> dict[str, Any]:
+    """One run, whatever its thread."""
+    return public(await _get_run(svc, caller.tenant_id, run_id, None))

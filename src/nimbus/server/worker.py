@@ -1,0 +1,166 @@
+"""The in-process worker pool: takes queued runs, executes them, and on start-up resumes the
+runs a previous process left queued or running (nothing is silently dropped)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import structlog
+
+from nimbus.server.agents import AgentFactory
+from nimbus.server.broker import RunBroker
+from nimbus.server.executor import RunExecution
+from nimbus.server.metrics import METRICS
+from nimbus.store.database import Database
+
+log = structlog.get_logger("nimbus.worker")
+
+
+class WorkerPool:
+    """Up to ``concurrency`` runs at once, fed by :meth:`submit`."""
+
+    def __init__(
+        self, db: Database, broker: RunBroker, agents: AgentFactory, concurrency: int = 256
+    ) -> None:
+        self.db, self.broker, self.agents = db, broker, agents
+        self.concurrency = concurrency
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._workers: list[asyncio.Task[None]] = []
+        self._done: dict[str, asyncio.Event] = {}
+        self._thread_locks: dict[str, asyncio.Lock] = {}
+        self._accepting = False
+
+    async def start(self) -> None:
+        """Start the workers and re-queue runs left unfinished by an earlier process."""
+        self._accepting = True
+        self._workers = [asyncio.create_task(self._work()) for _ in range(self.concurrency)]
+        for run in await self.db.runs.unfinished():
+            log.info("run.recovered", run_id=run["run_id"], status=run["status"])
+            self.submit(run["run_id"])
+
+    def submit(self, run_id: str) -> None:
+        """Queue a run (already stored as pending)."""
+        self.broker.open(run_id)
+        self._done.setdefault(run_id, asyncio.Event())
+        self._queue.put_nowait(run_id)
+        METRICS.queue_depth.set(self._queue.qsize())
+
+    def done_event(self, run_id: str) -> asyncio.Event | None:
+        """An event set when ``run_id`` finishes in this process (None if not here)."""
+        return self._done.get(run_id)
+
+    def cancel(self, run_id: str) -> bool:
+        """Stop a run executing here; True if it was."""
+        task = self._tasks.get(run_id)
+        if task is None or task.done():
+            return False
+        task.cancel()
+        return True
+
+    async def _work(self) -> None:
+        while True:
+            run_id = await self._queue.get()
+            METRICS.queue_depth.set(self._queue.qsize())
+            task = asyncio.create_task(self._execute(run_id))
+            self._tasks[run_id] = task
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if not task.done():  # the worker itself is being stopped
+                    raise
+            finally:
+                self._tasks.pop(run_id, None)
+
+    async def _execute(self, run_id: str) -> None:
+        METRICS.running.inc()
+        try:
+            run = await self.db.runs.get_any(run_id)
+            if run is None:
+                return
+            # Runs of one thread go one at a time, in the order they were queued (enqueue).
+            lock = self._thread_locks.setdefault(run["thread_id"], asyncio.Lock())
+            try:
+                async with lock:
+                    await self._attempt(run_id)
+            finally:
+                if not lock.locked() and not getattr(lock, "_waiters", None):
+                    self._thread_locks.pop(run["thread_id"], None)
+        except asyncio.CancelledError:
+            await self._interrupted(run_id)
+        except Exception:
+            log.exception("run.crashed", run_id=run_id)
+            await self._crashed(run_id)
+        finally:
+            METRICS.running.dec()
+            self.broker.close(run_id)
+            event = self._done.pop(run_id, None)
+            if event is not None:
+                event.set()
+
+    async def _attempt(self, run_id: str) -> None:
+        run = await self.db.runs.mark_running(run_id)
+        if run is None:
+            return  # cancelled or finished meanwhile
+        assistant = await self.db.assistants.get(run["tenant_id"], run["assistant_id"])
+        thread = await self.db.threads.get(run["tenant_id"], run["thread_id"])
+        if assistant is None or thread is None:
+            await self._fail(run, "the run's assistant or thread was deleted")
+            return
+        last_seq = await self.db.runs.last_seq(run_id)
+        execution = RunExecution(
+            self.db, self.broker, self.agents, run, assistant, thread, last_seq
+        )
+        structlog.contextvars.bind_contextvars(run_id=run_id, tenant=run["tenant_id"])
+        try:
+            status = await execution.execute()
+        finally:
+            structlog.contextvars.unbind_contextvars("run_id", "tenant")
+        log.info("run.finished", run_id=run_id, status=status)
+
+    async def _fail(self, run: dict[str, Any], message: str) -> None:
+        from nimbus.store.runs import RunStore
+        from nimbus.store.threads import ThreadStore
+
+        async with self.db.engine.begin() as conn:
+            await RunStore.update_in(conn, run["run_id"], status="error", error=message)
+            await ThreadStore.set_status(conn, run["thread_id"], "error")
+
+    async def _interrupted(self, run_id: str) -> None:
+        from nimbus.store.runs import RunStore
+        from nimbus.store.threads import ThreadStore
+
+        if not self._accepting:
+            return  # shutting down: leave it running/pending so the next start resumes it
+        run = await self.db.runs.get_any(run_id)
+        if run is None:
+            return
+        async with self.db.engine.begin() as conn:
+            await RunStore.update_in(conn, run_id, status="interrupted")
+            if not await RunStore.has_other_active(conn, run["thread_id"], run_id):
+                await ThreadStore.set_status(conn, run["thread_id"], "interrupted")
+
+    async def _crashed(self, run_id: str) -> None:
+        run = await self.db.runs.get_any(run_id)
+        if run is not None:
+            await self._fail(run, "internal error while running (see server logs)")
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Stop taking runs; let running ones finish within ``grace_s``, then cancel them
+        (they stay queued in the database and resume at the next start)."""
+        self._accepting = False
+        for worker in self._workers:
+            worker.cancel()
+        running = [t for t in self._tasks.values() if not t.done()]
+        if running:
+            _, pending = await asyncio.wait(running, timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            for task in pending:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        for worker in self._workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker

@@ -1,0 +1,275 @@
+"""Runs and their events, per tenant. The runs table is also the durable queue."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from nimbus.store.common import JsonMatch, new_id, now, row
+from nimbus.store.schema import run_events, runs, threads
+from nimbus.store.threads import ThreadStore
+
+ACTIVE = ("pending", "running")
+FINAL = ("success", "error", "timeout", "interrupted")
+
+
+class ThreadBusy(Exception):
+    """A run was refused because the thread already has an active run."""
+
+
+class RunStore:
+    """Queries on runs and run events; every method is scoped by ``tenant_id``."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def create(
+        self,
+        tenant_id: str,
+        *,
+        thread_id: str | None,
+        assistant_id: str,
+        kwargs: dict[str, Any],
+        metadata: dict[str, Any],
+        multitask_strategy: str,
+        if_not_exists: str = "reject",
+        temporary: bool = False,
+    ) -> dict[str, Any] | None:
+        """Queue a run. Returns None if the thread does not exist (and may not be created).
+
+        Raises :class:`ThreadBusy` when the thread has an active run and the strategy is
+        ``reject``. With ``interrupt``/``rollback`` the active runs are marked for
+        interruption (the worker sees the status change and stops).
+        """
+        async with self.engine.begin() as conn:
+            if thread_id is None:
+                thread, _ = await ThreadStore.create_in(
+                    conn,
+                    tenant_id,
+                    thread_id=None,
+                    metadata={"temporary": True} if temporary else {},
+                )
+                thread_id = thread["thread_id"]
+            else:
+                locked = await conn.execute(
+                    select(threads.c.thread_id)
+                    .where(threads.c.tenant_id == tenant_id, threads.c.thread_id == thread_id)
+                    .with_for_update()
+                )
+                if locked.first() is None:
+                    if if_not_exists != "create":
+                        return None
+                    thread, created = await ThreadStore.create_in(
+                        conn, tenant_id, thread_id=thread_id, metadata={}
+                    )
+                    if not created:
+                        return None
+            active = (
+                (
+                    await conn.execute(
+                        select(runs.c.run_id).where(
+                            runs.c.thread_id == thread_id, runs.c.status.in_(ACTIVE)
+                        )
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            if active:
+                if multitask_strategy == "reject":
+                    raise ThreadBusy(thread_id)
+                if multitask_strategy in ("interrupt", "rollback"):
+                    await conn.execute(
+                        update(runs)
+                        .where(runs.c.run_id.in_(active))
+                        .values(status="interrupted", updated_at=now())
+                    )
+            stamp = now()
+            values = {
+                "run_id": new_id(),
+                "tenant_id": tenant_id,
+                "thread_id": thread_id,
+                "assistant_id": assistant_id,
+                "status": "pending",
+                "metadata": metadata,
+                "kwargs": kwargs,
+                "multitask_strategy": multitask_strategy,
+                "state": None,
+                "error": None,
+                "attempts": 0,
+                "created_at": stamp,
+                "updated_at": stamp,
+            }
+            await conn.execute(runs.insert().values(**values))
+            await ThreadStore.set_status(conn, thread_id, "busy")
+        return values
+
+    async def get(
+        self, tenant_id: str, run_id: str, thread_id: str | None = None
+    ) -> dict[str, Any] | None:
+        """One run (of the thread, if given), or None."""
+        query = select(runs).where(runs.c.tenant_id == tenant_id, runs.c.run_id == run_id)
+        if thread_id is not None:
+            query = query.where(runs.c.thread_id == thread_id)
+        async with self.engine.connect() as conn:
+            return row((await conn.execute(query)).mappings().first())
+
+    async def get_any(self, run_id: str) -> dict[str, Any] | None:
+        """A run by id whatever its tenant (for the worker, never for a request)."""
+        async with self.engine.connect() as conn:
+            return row(
+                (await conn.execute(select(runs).where(runs.c.run_id == run_id))).mappings().first()
+            )
+
+    async def of_thread(
+        self,
+        tenant_id: str,
+        thread_id: str,
+        *,
+        limit: int = 10,
+        offset: int = 0,
+        status: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Runs of a thread, newest first."""
+        query = select(runs).where(runs.c.tenant_id == tenant_id, runs.c.thread_id == thread_id)
+        if status:
+            query = query.where(runs.c.status == status)
+        query = query.order_by(runs.c.created_at.desc())
+        match = JsonMatch(self.engine.dialect.name, (runs.c.metadata, metadata))
+        async with self.engine.connect() as conn:
+            return await match.page(conn, query, limit, offset)
+
+    async def delete(self, tenant_id: str, run_id: str, thread_id: str | None = None) -> bool:
+        """Delete a finished run and its events; False if not found."""
+        query = delete(runs).where(runs.c.tenant_id == tenant_id, runs.c.run_id == run_id)
+        if thread_id is not None:
+            query = query.where(runs.c.thread_id == thread_id)
+        async with self.engine.begin() as conn:
+            result = await conn.execute(query)
+            await conn.execute(delete(run_events).where(run_events.c.run_id == run_id))
+        return bool(result.rowcount)
+
+    async def cancel(self, tenant_id: str, run_id: str, thread_id: str | None, action: str) -> bool:
+        """Mark an active run interrupted (the worker stops it); False if not found."""
+        query = update(runs).where(
+            runs.c.tenant_id == tenant_id, runs.c.run_id == run_id, runs.c.status.in_(ACTIVE)
+        )
+        if thread_id is not None:
+            query = query.where(runs.c.thread_id == thread_id)
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                query.values(status="interrupted", error=f"cancelled ({action})", updated_at=now())
+            )
+            if not result.rowcount:
+                found = await conn.scalar(
+                    select(runs.c.run_id).where(
+                        runs.c.tenant_id == tenant_id, runs.c.run_id == run_id
+                    )
+                )
+                return found is not None
+        return True
+
+    async def unfinished(self) -> list[dict[str, Any]]:
+        """Runs that were queued or running (to resume after a restart), oldest first."""
+        async with self.engine.connect() as conn:
+            rows = (
+                (
+                    await conn.execute(
+                        select(runs).where(runs.c.status.in_(ACTIVE)).order_by(runs.c.created_at)
+                    )
+                )
+                .mappings()
+                .all()
+            )
+        return [r for r in map(row, rows) if r]
+
+    async def status(self, run_id: str) -> str | None:
+        """The current status of a run."""
+        async with self.engine.connect() as conn:
+            return await conn.scalar(select(runs.c.status).where(runs.c.run_id == run_id))
+
+    @staticmethod
+    async def status_in(conn: AsyncConnection, run_id: str) -> str | None:
+        """The status of a run, inside an open transaction."""
+        return await conn.scalar(select(runs.c.status).where(runs.c.run_id == run_id))
+
+    @staticmethod
+    async def has_other_active(conn: AsyncConnection, thread_id: str, run_id: str) -> bool:
+        """Whether the thread has an active run besides ``run_id``."""
+        found = await conn.scalar(
+            select(runs.c.run_id)
+            .where(
+                runs.c.thread_id == thread_id, runs.c.run_id != run_id, runs.c.status.in_(ACTIVE)
+            )
+            .limit(1)
+        )
+        return found is not None
+
+    async def last_seq(self, run_id: str) -> int:
+        """The highest stored event number of a run (-1 if none)."""
+        async with self.engine.connect() as conn:
+            found = await conn.scalar(
+                select(func.max(run_events.c.seq)).where(run_events.c.run_id == run_id)
+            )
+        return -1 if found is None else int(found)
+
+    async def mark_running(self, run_id: str) -> dict[str, Any] | None:
+        """Claim a pending (or resumed) run: status running, one more attempt."""
+        async with self.engine.begin() as conn:
+            current = row(
+                (await conn.execute(select(runs).where(runs.c.run_id == run_id).with_for_update()))
+                .mappings()
+                .first()
+            )
+            if current is None or current["status"] not in ACTIVE:
+                return None
+            attempts = int(current["attempts"] or 0) + 1
+            await conn.execute(
+                update(runs)
+                .where(runs.c.run_id == run_id)
+                .values(status="running", attempts=attempts, updated_at=now())
+            )
+        return {**current, "status": "running", "attempts": attempts}
+
+    @staticmethod
+    async def update_in(conn: AsyncConnection, run_id: str, **values: Any) -> None:
+        """Update a run inside an open transaction."""
+        await conn.execute(
+            update(runs).where(runs.c.run_id == run_id).values(updated_at=now(), **values)
+        )
+
+    @staticmethod
+    async def add_events(
+        conn: AsyncConnection, tenant_id: str, run_id: str, events: Sequence[tuple[int, str, Any]]
+    ) -> None:
+        """Append ``(seq, event, data)`` rows."""
+        if events:
+            await conn.execute(
+                run_events.insert(),
+                [
+                    {
+                        "run_id": run_id,
+                        "tenant_id": tenant_id,
+                        "seq": seq,
+                        "event": name,
+                        "data": data,
+                    }
+                    for seq, name, data in events
+                ],
+            )
+
+    async def events(self, run_id: str, after: int = -1) -> list[tuple[int, str, Any]]:
+        """Stored events of a run with ``seq > after``, in order."""
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(run_events.c.seq, run_events.c.event, run_events.c.data)
+                    .where(run_events.c.run_id == run_id, run_events.c.seq > after)
+                    .order_by(run_events.c.seq)
+                )
+            ).all()
+        return [(r.seq, r.event, r.data) for r in rows]

@@ -1,0 +1,147 @@
+"""The tables. Every row carries its tenant; ids are UUID strings."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata = MetaData()
+
+Json = JSON().with_variant(JSONB(), "postgresql")
+Id = String(64)
+
+
+def _ts(name: str) -> Column[object]:
+    return Column(name, DateTime(timezone=True), nullable=False)
+
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("key_id", Id, primary_key=True),
+    Column("tenant_id", Id, nullable=False, index=True),
+    Column("key_hash", String(128), nullable=False, unique=True),
+    Column("prefix", String(16), nullable=False),
+    Column("scope", String(16), nullable=False),
+    Column("name", String(200), nullable=False, default=""),
+    _ts("created_at"),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
+)
+
+assistants = Table(
+    "assistants",
+    metadata,
+    Column("assistant_id", Id, primary_key=True),
+    Column("tenant_id", Id, nullable=False),
+    Column("graph_id", String(200), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("description", Text, nullable=True),
+    Column("config", Json, nullable=False),
+    Column("context", Json, nullable=False),
+    Column("metadata", Json, nullable=False),
+    Column("version", Integer, nullable=False),
+    _ts("created_at"),
+    _ts("updated_at"),
+    Index("ix_assistants_tenant_created", "tenant_id", "created_at"),
+)
+
+assistant_versions = Table(
+    "assistant_versions",
+    metadata,
+    Column("assistant_id", Id, primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("tenant_id", Id, nullable=False, index=True),
+    Column("graph_id", String(200), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("description", Text, nullable=True),
+    Column("config", Json, nullable=False),
+    Column("context", Json, nullable=False),
+    Column("metadata", Json, nullable=False),
+    _ts("created_at"),
+)
+
+threads = Table(
+    "threads",
+    metadata,
+    Column("thread_id", Id, primary_key=True),
+    Column("tenant_id", Id, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("metadata", Json, nullable=False),
+    Column("values", Json, nullable=False),
+    Column("checkpoint_id", Id, nullable=True),
+    _ts("created_at"),
+    _ts("updated_at"),
+    Index("ix_threads_tenant_created", "tenant_id", "created_at"),
+)
+
+checkpoints = Table(
+    "checkpoints",
+    metadata,
+    Column("checkpoint_id", Id, primary_key=True),
+    Column("tenant_id", Id, nullable=False),
+    Column("thread_id", Id, nullable=False),
+    Column("parent_id", Id, nullable=True),
+    Column("run_id", Id, nullable=True),
+    Column("step", Integer, nullable=False),
+    Column("values", Json, nullable=False),
+    Column("metadata", Json, nullable=False),
+    Column("next", Json, nullable=False),
+    _ts("created_at"),
+    Index("ix_checkpoints_thread", "tenant_id", "thread_id", "created_at"),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("run_id", Id, primary_key=True),
+    Column("tenant_id", Id, nullable=False),
+    Column("thread_id", Id, nullable=False),
+    Column("assistant_id", Id, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("metadata", Json, nullable=False),
+    Column("kwargs", Json, nullable=False),
+    Column("multitask_strategy", String(16), nullable=False),
+    Column("state", Json, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    _ts("created_at"),
+    _ts("updated_at"),
+    Index("ix_runs_thread", "tenant_id", "thread_id", "created_at"),
+    Index("ix_runs_status", "status", "created_at"),
+)
+
+run_events = Table(
+    "run_events",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("run_id", Id, nullable=False),
+    Column("tenant_id", Id, nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("event", String(64), nullable=False),
+    Column("data", Json, nullable=False),
+    Index("ix_run_events_run_seq", "run_id", "seq", unique=True),
+)
+
+store_items = Table(
+    "store_items",
+    metadata,
+    Column("tenant_id", Id, primary_key=True),
+    Column("namespace", String(1000), primary_key=True),
+    Column("key", String(1000), primary_key=True),
+    Column("value", Json, nullable=False),
+    _ts("created_at"),
+    _ts("updated_at"),
+)

@@ -1,0 +1,307 @@
+"""Threads and their checkpoints (the state history), per tenant."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Select, delete, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from nimbus.store.common import JsonMatch, new_id, now, row
+from nimbus.store.schema import checkpoints, run_events, runs, threads
+
+SORTABLE = {"thread_id", "status", "created_at", "updated_at"}
+STATUSES = {"idle", "busy", "interrupted", "error"}
+
+
+class ThreadStore:
+    """Queries on threads and checkpoints; every method is scoped by ``tenant_id``."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def get(self, tenant_id: str, thread_id: str) -> dict[str, Any] | None:
+        """One thread, or None (also when it belongs to another tenant)."""
+        async with self.engine.connect() as conn:
+            return await self.get_in(conn, tenant_id, thread_id)
+
+    @staticmethod
+    async def get_in(
+        conn: AsyncConnection, tenant_id: str, thread_id: str
+    ) -> dict[str, Any] | None:
+        """:meth:`get` inside an open connection or transaction."""
+        result = await conn.execute(
+            select(threads).where(
+                threads.c.tenant_id == tenant_id, threads.c.thread_id == thread_id
+            )
+        )
+        return row(result.mappings().first())
+
+    async def create(
+        self,
+        tenant_id: str,
+        *,
+        thread_id: str | None,
+        metadata: dict[str, Any],
+        if_exists: str = "raise",
+    ) -> tuple[dict[str, Any], bool]:
+        """Create a thread; returns it and whether it was created.
+
+        An existing id (of this tenant with ``if_exists="do_nothing"``) is returned as is;
+        an id held by another tenant returns ``({}, False)``.
+        """
+        async with self.engine.begin() as conn:
+            return await self.create_in(
+                conn, tenant_id, thread_id=thread_id, metadata=metadata, if_exists=if_exists
+            )
+
+    @staticmethod
+    async def create_in(
+        conn: AsyncConnection,
+        tenant_id: str,
+        *,
+        thread_id: str | None,
+        metadata: dict[str, Any],
+        if_exists: str = "raise",
+    ) -> tuple[dict[str, Any], bool]:
+        """:meth:`create` inside an open transaction."""
+        thread_id = thread_id or new_id()
+        existing = (
+            (await conn.execute(select(threads).where(threads.c.thread_id == thread_id)))
+            .mappings()
+            .first()
+        )
+        if existing is not None:
+            if existing["tenant_id"] == tenant_id and if_exists == "do_nothing":
+                return row(existing) or {}, False
+            return {}, False
+        stamp = now()
+        values = {
+            "thread_id": thread_id,
+            "tenant_id": tenant_id,
+            "status": "idle",
+            "metadata": metadata,
+            "values": {},
+            "checkpoint_id": None,
+            "created_at": stamp,
+            "updated_at": stamp,
+        }
+        await conn.execute(threads.insert().values(**values))
+        return values, True
+
+    async def patch(
+        self, tenant_id: str, thread_id: str, metadata: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Merge ``metadata`` into the thread's; None if not found."""
+        async with self.engine.begin() as conn:
+            current = await self.get_in(conn, tenant_id, thread_id)
+            if current is None:
+                return None
+            merged = {**current["metadata"], **metadata}
+            stamp = now()
+            await conn.execute(
+                update(threads)
+                .where(threads.c.thread_id == thread_id)
+                .values(metadata=merged, updated_at=stamp)
+            )
+        return {**current, "metadata": merged, "updated_at": stamp}
+
+    async def delete(self, tenant_id: str, thread_id: str) -> bool:
+        """Delete a thread with its checkpoints, runs and run events."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                delete(threads).where(
+                    threads.c.tenant_id == tenant_id, threads.c.thread_id == thread_id
+                )
+            )
+            if not result.rowcount:
+                return False
+            await conn.execute(delete(checkpoints).where(checkpoints.c.thread_id == thread_id))
+            run_ids = select(runs.c.run_id).where(runs.c.thread_id == thread_id)
+            await conn.execute(delete(run_events).where(run_events.c.run_id.in_(run_ids)))
+            await conn.execute(delete(runs).where(runs.c.thread_id == thread_id))
+        return True
+
+    @staticmethod
+    def _filtered(tenant_id: str, status: str | None, ids: list[str] | None) -> Select[Any]:
+        query = select(threads).where(threads.c.tenant_id == tenant_id)
+        if status:
+            query = query.where(threads.c.status == status)
+        if ids:
+            query = query.where(threads.c.thread_id.in_(ids))
+        return query
+
+    def _match(self, metadata: dict[str, Any] | None, values: dict[str, Any] | None) -> JsonMatch:
+        return JsonMatch(
+            self.engine.dialect.name, (threads.c.metadata, metadata), (threads.c["values"], values)
+        )
+
+    async def search(
+        self,
+        tenant_id: str,
+        *,
+        metadata: dict[str, Any] | None = None,
+        values: dict[str, Any] | None = None,
+        status: str | None = None,
+        ids: list[str] | None = None,
+        limit: int = 10,
+        offset: int = 0,
+        sort_by: str | None = None,
+        sort_order: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Threads matching the filters."""
+        query = self._filtered(tenant_id, status, ids)
+        column = threads.c[sort_by if sort_by in SORTABLE else "created_at"]
+        query = query.order_by(column.asc() if sort_order == "asc" else column.desc())
+        async with self.engine.connect() as conn:
+            return await self._match(metadata, values).page(conn, query, limit, offset)
+
+    async def count(
+        self,
+        tenant_id: str,
+        *,
+        metadata: dict[str, Any] | None = None,
+        values: dict[str, Any] | None = None,
+        status: str | None = None,
+        ids: list[str] | None = None,
+    ) -> int:
+        """How many threads match the filters."""
+        async with self.engine.connect() as conn:
+            return await self._match(metadata, values).count(
+                conn, self._filtered(tenant_id, status, ids)
+            )
+
+    async def copy(self, tenant_id: str, thread_id: str) -> dict[str, Any] | None:
+        """A new thread with the same metadata, values and history."""
+        async with self.engine.begin() as conn:
+            source = await self.get_in(conn, tenant_id, thread_id)
+            if source is None:
+                return None
+            stamp = now()
+            copy = {
+                **source,
+                "thread_id": new_id(),
+                "status": "idle",
+                "created_at": stamp,
+                "updated_at": stamp,
+            }
+            history = (
+                (
+                    await conn.execute(
+                        select(checkpoints)
+                        .where(checkpoints.c.thread_id == thread_id)
+                        .order_by(checkpoints.c.created_at)
+                    )
+                )
+                .mappings()
+                .all()
+            )
+            renamed = {h["checkpoint_id"]: new_id() for h in history}
+            copy["checkpoint_id"] = renamed.get(source["checkpoint_id"])
+            await conn.execute(threads.insert().values(**copy))
+            for h in history:
+                await conn.execute(
+                    checkpoints.insert().values(
+                        **{
+                            **h,
+                            "checkpoint_id": renamed[h["checkpoint_id"]],
+                            "parent_id": renamed.get(h["parent_id"]),
+                            "thread_id": copy["thread_id"],
+                        }
+                    )
+                )
+        return copy
+
+    @staticmethod
+    async def save_checkpoint(
+        conn: AsyncConnection,
+        tenant_id: str,
+        thread_id: str,
+        *,
+        values: dict[str, Any],
+        metadata: dict[str, Any],
+        step: int,
+        run_id: str | None,
+        next_nodes: list[str],
+        status: str | None = None,
+    ) -> str:
+        """Append a checkpoint and make it the thread's current values."""
+        parent = await conn.scalar(
+            select(threads.c.checkpoint_id).where(threads.c.thread_id == thread_id)
+        )
+        checkpoint_id = new_id()
+        stamp = now()
+        await conn.execute(
+            checkpoints.insert().values(
+                checkpoint_id=checkpoint_id,
+                tenant_id=tenant_id,
+                thread_id=thread_id,
+                parent_id=parent,
+                run_id=run_id,
+                step=step,
+                values=values,
+                metadata=metadata,
+                next=next_nodes,
+                created_at=stamp,
+            )
+        )
+        changes: dict[str, Any] = {
+            "values": values,
+            "checkpoint_id": checkpoint_id,
+            "updated_at": stamp,
+        }
+        if status:
+            changes["status"] = status
+        await conn.execute(
+            update(threads).where(threads.c.thread_id == thread_id).values(**changes)
+        )
+        return checkpoint_id
+
+    async def checkpoint(
+        self, tenant_id: str, thread_id: str, checkpoint_id: str
+    ) -> dict[str, Any] | None:
+        """One checkpoint of a thread."""
+        async with self.engine.connect() as conn:
+            result = await conn.execute(
+                select(checkpoints).where(
+                    checkpoints.c.tenant_id == tenant_id,
+                    checkpoints.c.thread_id == thread_id,
+                    checkpoints.c.checkpoint_id == checkpoint_id,
+                )
+            )
+            return row(result.mappings().first())
+
+    async def history(
+        self,
+        tenant_id: str,
+        thread_id: str,
+        *,
+        limit: int = 10,
+        before: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Checkpoints of a thread, newest first."""
+        query = select(checkpoints).where(
+            checkpoints.c.tenant_id == tenant_id, checkpoints.c.thread_id == thread_id
+        )
+        async with self.engine.connect() as conn:
+            if before:
+                stamp = await conn.scalar(
+                    select(checkpoints.c.created_at).where(
+                        checkpoints.c.checkpoint_id == before, checkpoints.c.thread_id == thread_id
+                    )
+                )
+                if stamp is not None:
+                    query = query.where(checkpoints.c.created_at < stamp)
+            query = query.order_by(checkpoints.c.created_at.desc(), checkpoints.c.step.desc())
+            match = JsonMatch(self.engine.dialect.name, (checkpoints.c.metadata, metadata))
+            return await match.page(conn, query, limit, 0)
+
+    @staticmethod
+    async def set_status(conn: AsyncConnection, thread_id: str, status: str) -> None:
+        """Set a thread's status (idle / busy / interrupted / error)."""
+        await conn.execute(
+            update(threads)
+            .where(threads.c.thread_id == thread_id)
+            .values(status=status, updated_at=now())
+        )

@@ -1,0 +1,212 @@
+"""The real langgraph-sdk client against a live Nimbus, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from langgraph_sdk import get_client
+from langgraph_sdk.errors import ConflictError, NotFoundError
+
+from tests.server.conftest import LiveServer
+
+CALC = {
+    "configurable": {
+        "model": "openai:fake-model",
+        "tools": ["calculator"],
+        "instructions": "Use the calculator.",
+    }
+}
+
+
+async def test_assistant_thread_streamed_run_state_history(server: LiveServer) -> None:
+    client = get_client(url=server.url, api_key=server.admin_key)
+    assistant = await client.assistants.create(
+        graph_id="agent", config=CALC, name="calc", metadata={"team": "math"}
+    )
+    assert assistant["version"] == 1 and assistant["name"] == "calc"
+    thread = await client.threads.create(metadata={"user": "ada"})
+    parts = [
+        part
+        async for part in client.runs.stream(
+            thread["thread_id"],
+            assistant["assistant_id"],
+            input={"messages": [{"role": "user", "content": "What is 6 times 7?"}]},
+            stream_mode=["values", "updates", "messages-tuple"],
+        )
+    ]
+    events = [p.event for p in parts]
+    assert events[0] == "metadata" and parts[0].data["run_id"]
+    assert {"values", "updates", "messages"} <= set(events)
+    assert "error" not in events
+    tool_updates = [p.data["tools"] for p in parts if p.event == "updates" and "tools" in p.data]
+    assert tool_updates[0]["messages"][0]["content"] == "42"
+    tokens = "".join(
+        p.data[0]["content"]
+        for p in parts
+        if p.event == "messages" and p.data[0]["type"] == "AIMessageChunk"
+    )
+    assert tokens == "The result is 42."  # token by token, from the model's stream
+    final = [p.data for p in parts if p.event == "values"][-1]
+    assert [m["type"] for m in final["messages"]] == ["human", "ai", "tool", "ai"]
+
+    state = await client.threads.get_state(thread["thread_id"])
+    messages = state["values"]["messages"]
+    assert messages[-1]["content"] == "The result is 42."
+    assert messages[1]["tool_calls"][0]["name"] == "calculator"
+    assert messages[1]["tool_calls"][0]["args"] == {"expression": "6 * 7"}
+    assert messages[2]["tool_call_id"] == messages[1]["tool_calls"][0]["id"]
+    assert all(m["id"] for m in messages)
+    assert state["checkpoint"]["checkpoint_id"]
+    history = await client.threads.get_history(thread["thread_id"], limit=50)
+    assert len(history) >= 3
+    assert history[0]["checkpoint"]["checkpoint_id"] == state["checkpoint"]["checkpoint_id"]
+    assert len(history[-1]["values"]["messages"]) < len(messages)
+    thread_after = await client.threads.get(thread["thread_id"])
+    assert thread_after["status"] == "idle"
+    runs = await client.runs.list(thread["thread_id"])
+    assert [r["status"] for r in runs] == ["success"]
+
+
+async def test_wait_join_and_conversation_continues(server: LiveServer) -> None:
+    client = get_client(url=server.url, api_key=server.admin_key)
+    assistant = await client.assistants.create(graph_id="agent", config=CALC)
+    thread = await client.threads.create()
+    values = await client.runs.wait(
+        thread["thread_id"],
+        assistant["assistant_id"],
+        input={"messages": [{"role": "user", "content": "first"}]},
+    )
+    assert values["messages"][-1]["content"] == "The result is 42."
+    run = await client.runs.create(
+        thread["thread_id"],
+        assistant["assistant_id"],
+        input={"messages": [{"role": "user", "content": "second"}]},
+    )
+    assert run["status"] == "pending"
+    joined = await client.runs.join(thread["thread_id"], run["run_id"])
+    human = [m["content"] for m in joined["messages"] if m["type"] == "human"]
+    assert human == ["first", "second"]
+    fetched = await client.runs.get(thread["thread_id"], run["run_id"])
+    assert fetched["status"] == "success"
+    stateless = await client.runs.wait(
+        None, assistant["assistant_id"], input={"messages": [{"role": "user", "content": "hi"}]}
+    )
+    assert stateless["messages"][-1]["content"] == "The result is 42."
+
+
+async def test_assistant_lifecycle(server: LiveServer) -> None:
+    client = get_client(url=server.url, api_key=server.admin_key)
+    a = await client.assistants.create(
+        graph_id="agent",
+        assistant_id="11111111-1111-1111-1111-111111111111",
+        config=CALC,
+        name="first",
+        metadata={"k": "v"},
+    )
+    with pytest.raises(ConflictError):
+        await client.assistants.create(graph_id="agent", assistant_id=a["assistant_id"])
+    same = await client.assistants.create(
+        graph_id="agent", assistant_id=a["assistant_id"], if_exists="do_nothing"
+    )
+    assert same["name"] == "first"
+    b = await client.assistants.update(a["assistant_id"], name="second", metadata={"x": 1})
+    assert b["version"] == 2 and b["name"] == "second" and b["metadata"] == {"k": "v", "x": 1}
+    versions = await client.assistants.get_versions(a["assistant_id"])
+    assert [v["version"] for v in versions] == [2, 1]
+    back = await client.assistants.set_latest(a["assistant_id"], 1)
+    assert back["name"] == "first" and back["version"] == 1
+    found = await client.assistants.search(metadata={"k": "v"})
+    assert [f["assistant_id"] for f in found] == [a["assistant_id"]]
+    assert await client.assistants.count(graph_id="agent") == 1
+    schemas = await client.assistants.get_schemas(a["assistant_id"])
+    assert "messages" in schemas["input_schema"]["properties"]
+    await client.assistants.delete(a["assistant_id"])
+    with pytest.raises(NotFoundError):
+        await client.assistants.get(a["assistant_id"])
+
+
+async def test_threads_and_store(server: LiveServer) -> None:
+    client = get_client(url=server.url, api_key=server.admin_key)
+    t = await client.threads.create(metadata={"user": "ada"})
+    await client.threads.update(t["thread_id"], metadata={"topic": "math"})
+    got = await client.threads.get(t["thread_id"])
+    assert got["metadata"] == {"user": "ada", "topic": "math"}
+    assert got["status"] == "idle"
+    assert [x["thread_id"] for x in await client.threads.search(metadata={"user": "ada"})] == [
+        t["thread_id"]
+    ]
+    assert await client.threads.count(metadata={"topic": "math"}) == 1
+    update = await client.threads.update_state(
+        t["thread_id"], {"messages": [{"role": "user", "content": "note"}]}
+    )
+    assert update["checkpoint"]["checkpoint_id"]
+    state = await client.threads.get_state(t["thread_id"])
+    assert state["values"]["messages"][0]["content"] == "note"
+    copy = await client.threads.copy(t["thread_id"])
+    assert copy["thread_id"] != t["thread_id"]
+    copied = await client.threads.get_state(copy["thread_id"])
+    assert copied["values"]["messages"][0]["content"] == "note"
+    await client.threads.delete(t["thread_id"])
+    with pytest.raises(NotFoundError):
+        await client.threads.get(t["thread_id"])
+
+    await client.store.put_item(["users", "ada"], "prefs", {"color": "blue", "size": 3})
+    await client.store.put_item(["users", "bob"], "prefs", {"color": "red"})
+    item = await client.store.get_item(["users", "ada"], "prefs")
+    assert item["value"] == {"color": "blue", "size": 3}
+    found = await client.store.search_items(["users"], filter={"color": "red"})
+    assert [i["namespace"] for i in found["items"]] == [["users", "bob"]]
+    ranked = await client.store.search_items(["users"], query="blue")
+    assert [i["key"] for i in ranked["items"]] == ["prefs"] and ranked["items"][0]["score"] > 0
+    spaces = await client.store.list_namespaces(prefix=["users"], max_depth=1)
+    assert spaces["namespaces"] == [["users"]]
+    await client.store.delete_item(["users", "ada"], "prefs")
+    with pytest.raises(NotFoundError):
+        await client.store.get_item(["users", "ada"], "prefs")
+
+
+async def test_busy_thread_rejects_second_run(server: LiveServer) -> None:
+    server.fake.latency = 0.5  # keep the first run busy
+    client = get_client(url=server.url, api_key=server.admin_key)
+    assistant = await client.assistants.create(graph_id="agent", config=CALC)
+    thread = await client.threads.create()
+    first = await client.runs.create(
+        thread["thread_id"],
+        assistant["assistant_id"],
+        input={"messages": [{"role": "user", "content": "x"}]},
+    )
+    with pytest.raises(ConflictError):
+        await client.runs.create(
+            thread["thread_id"],
+            assistant["assistant_id"],
+            input={"messages": [{"role": "user", "content": "y"}]},
+            multitask_strategy="reject",
+        )
+    queued = await client.runs.create(
+        thread["thread_id"],
+        assistant["assistant_id"],
+        input={"messages": [{"role": "user", "content": "y"}]},
+        multitask_strategy="enqueue",
+    )
+    await client.runs.join(thread["thread_id"], first["run_id"])
+    values = await client.runs.join(thread["thread_id"], queued["run_id"])
+    assert [m["content"] for m in values["messages"] if m["type"] == "human"] == ["x", "y"]
+
+
+async def test_cancel(server: LiveServer) -> None:
+    server.fake.latency = 30
+    client = get_client(url=server.url, api_key=server.admin_key)
+    assistant = await client.assistants.create(graph_id="agent", config=CALC)
+    thread = await client.threads.create()
+    run = await client.runs.create(
+        thread["thread_id"],
+        assistant["assistant_id"],
+        input={"messages": [{"role": "user", "content": "x"}]},
+    )
+    await client.runs.cancel(thread["thread_id"], run["run_id"], wait=True)
+    assert (await client.runs.get(thread["thread_id"], run["run_id"]))["status"] == "interrupted"
+    assert (await client.threads.get(thread["thread_id"]))["status"] == "interrupted"
+    with pytest.raises(httpx.HTTPStatusError):
+        await client.runs.cancel(
+            thread["thread_id"], "00000000-0000-0000-0000-000000000000", wait=True
+        )

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+from sqlalchemy.ext.asyncio import AsyncConnection
+
 from nimbus.core.checkpoint import RunState, state_from_json, state_to_json
 from nimbus.core.events import (
     Event,
@@ -62,26 +65,24 @@ class _Emitter:
 
 class RunCheckpoints:
     """CheckpointStore for the core runtime: writes the run state, the thread's values (a
-    checkpoint in its history) and the buffered events, in one transaction per step."""
+    checkpoint in its history) and the buffered events, in one transaction per step.
+
+    The last save of a run (its state finished or failed) is left to
+    :meth:`RunExecution.finish`, which writes it with the run's final status in one
+    transaction.
+    """
 
     def __init__(self, executor: RunExecution) -> None:
         self.x = executor
 
     async def save(self, state: RunState) -> None:
         x = self.x
-        values = x.values(state)
+        if state.status != "running":
+            x.unsaved_final = True
+            return
         async with x.db.engine.begin() as conn:
             await RunStore.update_in(conn, x.run_id, state=_state_json(state))
-            await ThreadStore.save_checkpoint(
-                conn,
-                x.tenant_id,
-                x.thread_id,
-                values=values,
-                metadata={"run_id": x.run_id, "step": state.step, "source": "loop"},
-                step=state.step,
-                run_id=x.run_id,
-                next_nodes=[] if state.status != "running" else ["agent"],
-            )
+            await x.write_checkpoint(conn, state)
             await RunStore.add_events(conn, x.tenant_id, x.run_id, x.emit.take())
 
     async def load(self, run_id: str) -> RunState | None:
@@ -89,15 +90,12 @@ class RunCheckpoints:
         return _state_from(run["state"]) if run and run.get("state") else None
 
 
-def _state_json(state: RunState) -> Any:
-    import orjson
-
-    return orjson.loads(state_to_json(state))
+def _state_json(state: RunState) -> orjson.Fragment:
+    """The state as a JSON column value, serialised once (by pydantic, not re-encoded)."""
+    return orjson.Fragment(state_to_json(state))
 
 
 def _state_from(data: Any) -> RunState:
-    import orjson
-
     return state_from_json(orjson.dumps(data))
 
 
@@ -126,6 +124,9 @@ class RunExecution:
         )
         self.agent = build_agent(assistant["name"], settings, agents.settings)
         self.thread = thread
+        self.parent: str | None = thread.get("checkpoint_id")  # the thread's newest checkpoint
+        self.unsaved_final = False
+        self.outcome: tuple[str, str | None, dict[str, Any]] | None = None
         self.emit = _Emitter(self.run_id, broker, last_seq)
         self.history = thread_messages(thread.get("values"))
         self.base = len(self.history)
@@ -197,19 +198,43 @@ class RunExecution:
         METRICS.runs.labels("success").inc()
         return "success"
 
+    async def write_checkpoint(
+        self, conn: AsyncConnection, state: RunState, thread_status: Any = None
+    ) -> dict[str, Any]:
+        """Append ``state`` to the thread's history and make it the thread's values."""
+        values = self.values(state)
+        self.parent = await ThreadStore.save_checkpoint(
+            conn,
+            self.tenant_id,
+            self.thread_id,
+            values=values,
+            metadata={"run_id": self.run_id, "step": state.step, "source": "loop"},
+            step=state.step,
+            run_id=self.run_id,
+            next_nodes=[] if state.status != "running" else ["agent"],
+            parent_id=self.parent,
+            status=thread_status,
+        )
+        return values
+
     async def finish(self, status: str, error: str | None, reason: str | None) -> None:
+        """Write the run's end in one transaction: its status and state, the last checkpoint
+        (when the last step was not saved yet), the thread's status and the last events."""
         if error is not None:
             self.emit("error", {"error": reason or "RunError", "message": error})
+        state = self.state
         async with self.db.engine.begin() as conn:
-            current = await RunStore.status_in(conn, self.run_id)
-            final = "interrupted" if current == "interrupted" else status
-            await RunStore.update_in(
-                conn, self.run_id, status=final, error=error, state=_state_json(self.state)
+            final = await RunStore.finish_in(conn, self.run_id, status, error, _state_json(state))
+            thread_status = RunStore.thread_status_after(
+                self.thread_id, self.run_id, "error" if final == "error" else "idle"
             )
-            thread_status = "error" if final == "error" else "idle"
-            if not await RunStore.has_other_active(conn, self.thread_id, self.run_id):
+            if self.unsaved_final:
+                values = await self.write_checkpoint(conn, state, thread_status)
+            else:
+                values = self.values(state)
                 await ThreadStore.set_status(conn, self.thread_id, thread_status)
             await RunStore.add_events(conn, self.tenant_id, self.run_id, self.emit.take())
+        self.outcome = (final, error, values)
 
     # --- core events → LangGraph stream parts -------------------------------------------
     def on_event(self, event: Event) -> None:

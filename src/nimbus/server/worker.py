@@ -18,6 +18,18 @@ from nimbus.store.database import Database
 log = structlog.get_logger("nimbus.worker")
 
 
+class Completion:
+    """Set when a run ends in this process, with how it ended (for wait and join)."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.outcome: tuple[str, str | None, dict[str, Any]] | None = None
+
+    async def wait(self) -> None:
+        """Until the run ends."""
+        await self.event.wait()
+
+
 class WorkerPool:
     """Up to ``concurrency`` runs at once, fed by :meth:`submit`."""
 
@@ -29,7 +41,8 @@ class WorkerPool:
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._workers: list[asyncio.Task[None]] = []
-        self._done: dict[str, asyncio.Event] = {}
+        self._done: dict[str, Completion] = {}
+        self._given: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
         self._thread_locks: dict[str, asyncio.Lock] = {}
         self._accepting = False
 
@@ -41,15 +54,23 @@ class WorkerPool:
             log.info("run.recovered", run_id=run["run_id"], status=run["status"])
             self.submit(run["run_id"])
 
-    def submit(self, run_id: str) -> None:
-        """Queue a run (already stored as pending)."""
+    def submit(
+        self,
+        run_id: str,
+        run: dict[str, Any] | None = None,
+        assistant: dict[str, Any] | None = None,
+    ) -> None:
+        """Queue a run (already stored as pending). ``run`` and ``assistant``, the rows just
+        written and read by the request that made it, spare the worker reading them again."""
         self.broker.open(run_id)
-        self._done.setdefault(run_id, asyncio.Event())
+        self._done.setdefault(run_id, Completion())
+        if run is not None and assistant is not None:
+            self._given[run_id] = (run, assistant)
         self._queue.put_nowait(run_id)
         METRICS.queue_depth.set(self._queue.qsize())
 
-    def done_event(self, run_id: str) -> asyncio.Event | None:
-        """An event set when ``run_id`` finishes in this process (None if not here)."""
+    def done_event(self, run_id: str) -> Completion | None:
+        """Set when ``run_id`` finishes in this process (None if it is not here)."""
         return self._done.get(run_id)
 
     def cancel(self, run_id: str) -> bool:
@@ -76,15 +97,17 @@ class WorkerPool:
 
     async def _execute(self, run_id: str) -> None:
         METRICS.running.inc()
+        outcome = None
         try:
-            run = await self.db.runs.get_any(run_id)
+            given = self._given.pop(run_id, None)
+            run = given[0] if given else await self.db.runs.get_any(run_id)
             if run is None:
                 return
             # Runs of one thread go one at a time, in the order they were queued (enqueue).
             lock = self._thread_locks.setdefault(run["thread_id"], asyncio.Lock())
             try:
                 async with lock:
-                    await self._attempt(run_id)
+                    outcome = await self._attempt(run_id, given[1] if given else None)
             finally:
                 if not lock.locked() and not getattr(lock, "_waiters", None):
                     self._thread_locks.pop(run["thread_id"], None)
@@ -96,20 +119,25 @@ class WorkerPool:
         finally:
             METRICS.running.dec()
             self.broker.close(run_id)
-            event = self._done.pop(run_id, None)
-            if event is not None:
-                event.set()
+            done = self._done.pop(run_id, None)
+            if done is not None:
+                done.outcome = outcome
+                done.event.set()
 
-    async def _attempt(self, run_id: str) -> None:
+    async def _attempt(
+        self, run_id: str, assistant: dict[str, Any] | None
+    ) -> tuple[str, str | None, dict[str, Any]] | None:
         run = await self.db.runs.mark_running(run_id)
         if run is None:
-            return  # cancelled or finished meanwhile
-        assistant = await self.db.assistants.get(run["tenant_id"], run["assistant_id"])
+            return None  # cancelled or finished meanwhile
+        if assistant is None:
+            assistant = await self.db.assistants.get(run["tenant_id"], run["assistant_id"])
         thread = await self.db.threads.get(run["tenant_id"], run["thread_id"])
         if assistant is None or thread is None:
             await self._fail(run, "the run's assistant or thread was deleted")
-            return
-        last_seq = await self.db.runs.last_seq(run_id)
+            return None
+        # Only an earlier attempt can have stored events.
+        last_seq = await self.db.runs.last_seq(run_id) if run["attempts"] > 1 else -1
         execution = RunExecution(
             self.db, self.broker, self.agents, run, assistant, thread, last_seq
         )
@@ -119,6 +147,7 @@ class WorkerPool:
         finally:
             structlog.contextvars.unbind_contextvars("run_id", "tenant")
         log.info("run.finished", run_id=run_id, status=status)
+        return execution.outcome
 
     async def _fail(self, run: dict[str, Any], message: str) -> None:
         from nimbus.store.runs import RunStore

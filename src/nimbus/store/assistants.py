@@ -9,6 +9,7 @@ from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nimbus.store.common import JsonMatch, new_id, now, row
+from nimbus.store.db import autocommit
 from nimbus.store.schema import assistant_versions, assistants
 
 SORTABLE = {"assistant_id", "graph_id", "name", "created_at", "updated_at"}
@@ -20,10 +21,11 @@ class AssistantStore:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        self.auto = autocommit(engine)
 
     async def get(self, tenant_id: str, assistant_id: str) -> dict[str, Any] | None:
         """One assistant, or None (also when it belongs to another tenant)."""
-        async with self.engine.connect() as conn:
+        async with self.auto.connect() as conn:
             result = await conn.execute(
                 select(assistants).where(
                     assistants.c.tenant_id == tenant_id, assistants.c.assistant_id == assistant_id
@@ -37,7 +39,7 @@ class AssistantStore:
         found = await self.get(tenant_id, id_or_name)
         if found is not None:
             return found
-        async with self.engine.connect() as conn:
+        async with self.auto.connect() as conn:
             for column, order in (
                 (assistants.c.graph_id, assistants.c.created_at.asc()),
                 (assistants.c.name, assistants.c.created_at.desc()),
@@ -236,7 +238,7 @@ class AssistantStore:
         column = assistants.c[sort_by if sort_by in SORTABLE else "created_at"]
         query = query.order_by(column.asc() if sort_order == "asc" else column.desc())
         match = JsonMatch(self.engine.dialect.name, (assistants.c.metadata, metadata))
-        async with self.engine.connect() as conn:
+        async with self.auto.connect() as conn:
             return await match.page(conn, query, limit, offset)
 
     async def count(
@@ -249,7 +251,7 @@ class AssistantStore:
     ) -> int:
         """How many assistants match the filters."""
         match = JsonMatch(self.engine.dialect.name, (assistants.c.metadata, metadata))
-        async with self.engine.connect() as conn:
+        async with self.auto.connect() as conn:
             return await match.count(conn, self._filtered(tenant_id, graph_id, name))
 
     @staticmethod
@@ -280,5 +282,5 @@ class AssistantStore:
             .order_by(assistant_versions.c.version.desc())
         )
         match = JsonMatch(self.engine.dialect.name, (assistant_versions.c.metadata, metadata))
-        async with self.engine.connect() as conn:
+        async with self.auto.connect() as conn:
             return await match.page(conn, query, limit, offset)

@@ -5,9 +5,12 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -46,16 +49,50 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _json_dumps(value: Any) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # what orjson refuses, such as integers beyond 64 bits
+        return json.dumps(value)
+
+
+_LONG_NUMBER = re.compile(r"\d{19}")
+
+
+def _json_loads(text: str | bytes) -> Any:
+    if isinstance(text, bytes):
+        text = text.decode()
+    if _LONG_NUMBER.search(text):  # orjson reads integers beyond 64 bits as floats
+        return json.loads(text)
+    return orjson.loads(text)
+
+
 def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
-    """An async engine for ``url`` (SQLite in WAL mode; PostgreSQL with a pool)."""
+    """An async engine for ``url``, JSON columns (de)serialised by orjson.
+
+    SQLite (WAL mode) gets a single connection: SQLite runs one writer at a time anyway, and
+    one connection shared in turn never fails with "database is locked" under load, as
+    several connections upgrading their transactions to writers at once would. PostgreSQL
+    gets a pool; a connection the server dropped is detected on use and replaced (no ping
+    before every checkout, which would cost a round trip per query).
+    """
     target = async_url(url)
+    json = {"json_serializer": _json_dumps, "json_deserializer": _json_loads}
     if target.startswith("sqlite"):
-        engine = create_async_engine(target)
+        engine = create_async_engine(target, pool_size=1, max_overflow=0, pool_timeout=60, **json)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     return create_async_engine(
-        target, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+        target, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800, **json
     )
+
+
+def autocommit(engine: AsyncEngine) -> AsyncEngine:
+    """``engine`` for reads and single-statement writes: on PostgreSQL in autocommit mode, so
+    such a statement costs one round trip (no BEGIN and COMMIT/ROLLBACK around it)."""
+    if engine.dialect.name == "postgresql":
+        return engine.execution_options(isolation_level="AUTOCOMMIT")
+    return engine
 
 
 def _upgrade(connection: Any) -> None:

@@ -8,6 +8,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nimbus.store.common import matches, now, row
+from nimbus.store.db import autocommit
 from nimbus.store.schema import store_items
 
 SEP = "\x1f"  # joins namespace parts; cannot appear in a label (checked at the API)
@@ -38,6 +39,7 @@ class ItemStore:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        self.auto = autocommit(engine)
 
     async def put(
         self, tenant_id: str, namespace: list[str], key: str, value: dict[str, Any]
@@ -73,7 +75,7 @@ class ItemStore:
 
     async def get(self, tenant_id: str, namespace: list[str], key: str) -> dict[str, Any] | None:
         """One item, or None."""
-        async with self.engine.connect() as conn:
+        async with self.auto.connect() as conn:
             found = row(
                 (
                     await conn.execute(
@@ -119,7 +121,7 @@ class ItemStore:
                 | store_items.c.namespace.startswith(ns + SEP, autoescape=True)
             )
         stmt = stmt.order_by(store_items.c.updated_at.desc())
-        async with self.engine.connect() as conn:
+        async with self.auto.connect() as conn:
             rows = [r for r in map(row, (await conn.execute(stmt)).mappings().all()) if r]
         items = [_item(r) for r in rows if matches(r["value"], filter)]
         if query:
@@ -145,7 +147,7 @@ class ItemStore:
         offset: int = 0,
     ) -> list[list[str]]:
         """Distinct namespaces (cut to ``max_depth``) matching prefix and suffix."""
-        async with self.engine.connect() as conn:
+        async with self.auto.connect() as conn:
             stored = (
                 (
                     await conn.execute(

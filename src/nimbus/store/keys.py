@@ -13,6 +13,7 @@ from typing import Literal
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from nimbus.store.db import autocommit
 from nimbus.store.schema import api_keys
 
 Scope = Literal["admin", "read-write", "read-only"]
@@ -67,6 +68,7 @@ class KeyStore:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        self.auto = autocommit(engine)
         self._cache: dict[str, tuple[float, Principal]] = {}
 
     async def create(self, tenant_id: str, scope: Scope, name: str = "") -> tuple[str, KeyInfo]:
@@ -113,7 +115,7 @@ class KeyStore:
         cached = self._cache.get(digest)
         if cached is not None and time.monotonic() - cached[0] < CACHE_TTL_S:
             return cached[1]
-        async with self.engine.connect() as conn:
+        async with self.auto.connect() as conn:
             row = (
                 await conn.execute(
                     select(api_keys.c.key_id, api_keys.c.tenant_id, api_keys.c.scope).where(
@@ -133,7 +135,7 @@ class KeyStore:
         query = select(api_keys).order_by(api_keys.c.created_at.desc())
         if tenant_id is not None:
             query = query.where(api_keys.c.tenant_id == tenant_id)
-        async with self.engine.connect() as conn:
+        async with self.auto.connect() as conn:
             rows = (await conn.execute(query)).mappings().all()
         return [
             KeyInfo(

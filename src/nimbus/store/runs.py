@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import ColumnElement, case, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from nimbus.store.common import JsonMatch, new_id, now, row
+from nimbus.store.db import autocommit
 from nimbus.store.schema import run_events, runs, threads
 from nimbus.store.threads import ThreadStore
 
@@ -25,6 +26,7 @@ class RunStore:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        self.auto = autocommit(engine)
 
     async def create(
         self,
@@ -45,48 +47,53 @@ class RunStore:
         interruption (the worker sees the status change and stops).
         """
         async with self.engine.begin() as conn:
+            active: list[str] = []
             if thread_id is None:
                 thread, _ = await ThreadStore.create_in(
                     conn,
                     tenant_id,
                     thread_id=None,
                     metadata={"temporary": True} if temporary else {},
+                    status="busy",
                 )
                 thread_id = thread["thread_id"]
             else:
+                # Marking the thread busy also locks its row until the run is queued.
                 locked = await conn.execute(
-                    select(threads.c.thread_id)
+                    update(threads)
                     .where(threads.c.tenant_id == tenant_id, threads.c.thread_id == thread_id)
-                    .with_for_update()
+                    .values(status="busy", updated_at=now())
+                    .returning(threads.c.thread_id)
                 )
-                if locked.first() is None:
-                    if if_not_exists != "create":
-                        return None
-                    thread, created = await ThreadStore.create_in(
-                        conn, tenant_id, thread_id=thread_id, metadata={}
+                if locked.first() is not None:
+                    active = list(
+                        (
+                            await conn.execute(
+                                select(runs.c.run_id).where(
+                                    runs.c.thread_id == thread_id, runs.c.status.in_(ACTIVE)
+                                )
+                            )
+                        ).scalars()
+                    )
+                elif if_not_exists != "create":
+                    return None
+                else:
+                    _, created = await ThreadStore.create_in(
+                        conn, tenant_id, thread_id=thread_id, metadata={}, status="busy"
                     )
                     if not created:
                         return None
-            active = (
-                (
-                    await conn.execute(
-                        select(runs.c.run_id).where(
-                            runs.c.thread_id == thread_id, runs.c.status.in_(ACTIVE)
-                        )
-                    )
-                )
-                .scalars()
-                .all()
-            )
             if active:
                 if multitask_strategy == "reject":
-                    raise ThreadBusy(thread_id)
+                    raise ThreadBusy(thread_id)  # the transaction rolls back: status unchanged
                 if multitask_strategy in ("interrupt", "rollback"):
                     await conn.execute(
                         update(runs)
                         .where(runs.c.run_id.in_(active))
                         .values(status="interrupted", updated_at=now())
                     )
+                else:
+                    active = []  # enqueued behind them
             stamp = now()
             values = {
                 "run_id": new_id(),
@@ -104,7 +111,8 @@ class RunStore:
                 "updated_at": stamp,
             }
             await conn.execute(runs.insert().values(**values))
-            await ThreadStore.set_status(conn, thread_id, "busy")
+        if active:
+            return {**values, "interrupted_runs": active}
         return values
 
     async def get(
@@ -114,12 +122,12 @@ class RunStore:
         query = select(runs).where(runs.c.tenant_id == tenant_id, runs.c.run_id == run_id)
         if thread_id is not None:
             query = query.where(runs.c.thread_id == thread_id)
-        async with self.engine.connect() as conn:
+        async with self.auto.connect() as conn:
             return row((await conn.execute(query)).mappings().first())
 
     async def get_any(self, run_id: str) -> dict[str, Any] | None:
         """A run by id whatever its tenant (for the worker, never for a request)."""
-        async with self.engine.connect() as conn:
+        async with self.auto.connect() as conn:
             return row(
                 (await conn.execute(select(runs).where(runs.c.run_id == run_id))).mappings().first()
             )
@@ -140,7 +148,7 @@ class RunStore:
             query = query.where(runs.c.status == status)
         query = query.order_by(runs.c.created_at.desc())
         match = JsonMatch(self.engine.dialect.name, (runs.c.metadata, metadata))
-        async with self.engine.connect() as conn:
+        async with self.auto.connect() as conn:
             return await match.page(conn, query, limit, offset)
 
     async def delete(self, tenant_id: str, run_id: str, thread_id: str | None = None) -> bool:
@@ -175,7 +183,7 @@ class RunStore:
 
     async def unfinished(self) -> list[dict[str, Any]]:
         """Runs that were queued or running (to resume after a restart), oldest first."""
-        async with self.engine.connect() as conn:
+        async with self.auto.connect() as conn:
             rows = (
                 (
                     await conn.execute(
@@ -189,7 +197,7 @@ class RunStore:
 
     async def status(self, run_id: str) -> str | None:
         """The current status of a run."""
-        async with self.engine.connect() as conn:
+        async with self.auto.connect() as conn:
             return await conn.scalar(select(runs.c.status).where(runs.c.run_id == run_id))
 
     @staticmethod
@@ -211,29 +219,49 @@ class RunStore:
 
     async def last_seq(self, run_id: str) -> int:
         """The highest stored event number of a run (-1 if none)."""
-        async with self.engine.connect() as conn:
+        async with self.auto.connect() as conn:
             found = await conn.scalar(
                 select(func.max(run_events.c.seq)).where(run_events.c.run_id == run_id)
             )
         return -1 if found is None else int(found)
 
     async def mark_running(self, run_id: str) -> dict[str, Any] | None:
-        """Claim a pending (or resumed) run: status running, one more attempt."""
-        async with self.engine.begin() as conn:
-            current = row(
-                (await conn.execute(select(runs).where(runs.c.run_id == run_id).with_for_update()))
-                .mappings()
-                .first()
-            )
-            if current is None or current["status"] not in ACTIVE:
-                return None
-            attempts = int(current["attempts"] or 0) + 1
-            await conn.execute(
+        """Claim a pending (or resumed) run: status running, one more attempt. Returns the run,
+        or None when it is no longer active (cancelled or finished meanwhile)."""
+        async with self.auto.begin() as conn:
+            claimed = await conn.execute(
                 update(runs)
-                .where(runs.c.run_id == run_id)
-                .values(status="running", attempts=attempts, updated_at=now())
+                .where(runs.c.run_id == run_id, runs.c.status.in_(ACTIVE))
+                .values(status="running", attempts=runs.c.attempts + 1, updated_at=now())
+                .returning(*runs.c)
             )
-        return {**current, "status": "running", "attempts": attempts}
+            return row(claimed.mappings().first())
+
+    @staticmethod
+    async def finish_in(
+        conn: AsyncConnection, run_id: str, status: str, error: str | None, state: Any
+    ) -> str:
+        """Record a run's end inside an open transaction; returns its final status, which
+        stays ``interrupted`` when the run was cancelled meanwhile."""
+        ended = await conn.execute(
+            update(runs)
+            .where(runs.c.run_id == run_id, runs.c.status != "interrupted")
+            .values(status=status, error=error, state=state, updated_at=now())
+            .returning(runs.c.run_id)
+        )
+        if ended.first() is not None:
+            return status
+        await RunStore.update_in(conn, run_id, state=state)
+        return "interrupted"
+
+    @staticmethod
+    def thread_status_after(thread_id: str, run_id: str, status: str) -> ColumnElement[str]:
+        """The thread's status once ``run_id`` ends: ``status``, or ``busy`` while another
+        run of the thread is active (a SQL expression, evaluated in the write)."""
+        others = select(runs.c.run_id).where(
+            runs.c.thread_id == thread_id, runs.c.run_id != run_id, runs.c.status.in_(ACTIVE)
+        )
+        return case((others.exists(), "busy"), else_=status)
 
     @staticmethod
     async def update_in(conn: AsyncConnection, run_id: str, **values: Any) -> None:
@@ -264,7 +292,7 @@ class RunStore:
 
     async def events(self, run_id: str, after: int = -1) -> list[tuple[int, str, Any]]:
         """Stored events of a run with ``seq > after``, in order."""
-        async with self.engine.connect() as conn:
+        async with self.auto.connect() as conn:
             rows = (
                 await conn.execute(
                     select(run_events.c.seq, run_events.c.event, run_events.c.data)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Select, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from nimbus.store.common import JsonMatch, new_id, now, row
+from nimbus.store.db import autocommit
 from nimbus.store.schema import checkpoints, run_events, runs, threads
 
 SORTABLE = {"thread_id", "status", "created_at", "updated_at"}
@@ -19,10 +20,11 @@ class ThreadStore:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        self.auto = autocommit(engine)
 
     async def get(self, tenant_id: str, thread_id: str) -> dict[str, Any] | None:
         """One thread, or None (also when it belongs to another tenant)."""
-        async with self.engine.connect() as conn:
+        async with self.auto.connect() as conn:
             return await self.get_in(conn, tenant_id, thread_id)
 
     @staticmethod
@@ -63,6 +65,7 @@ class ThreadStore:
         thread_id: str | None,
         metadata: dict[str, Any],
         if_exists: str = "raise",
+        status: str = "idle",
     ) -> tuple[dict[str, Any], bool]:
         """:meth:`create` inside an open transaction."""
         thread_id = thread_id or new_id()
@@ -79,7 +82,7 @@ class ThreadStore:
         values = {
             "thread_id": thread_id,
             "tenant_id": tenant_id,
-            "status": "idle",
+            "status": status,
             "metadata": metadata,
             "values": {},
             "checkpoint_id": None,
@@ -153,7 +156,7 @@ class ThreadStore:
         query = self._filtered(tenant_id, status, ids)
         column = threads.c[sort_by if sort_by in SORTABLE else "created_at"]
         query = query.order_by(column.asc() if sort_order == "asc" else column.desc())
-        async with self.engine.connect() as conn:
+        async with self.auto.connect() as conn:
             return await self._match(metadata, values).page(conn, query, limit, offset)
 
     async def count(
@@ -166,7 +169,7 @@ class ThreadStore:
         ids: list[str] | None = None,
     ) -> int:
         """How many threads match the filters."""
-        async with self.engine.connect() as conn:
+        async with self.auto.connect() as conn:
             return await self._match(metadata, values).count(
                 conn, self._filtered(tenant_id, status, ids)
             )
@@ -223,12 +226,16 @@ class ThreadStore:
         step: int,
         run_id: str | None,
         next_nodes: list[str],
-        status: str | None = None,
+        status: Any = None,
+        parent_id: str | Literal[False] | None = False,
     ) -> str:
-        """Append a checkpoint and make it the thread's current values."""
-        parent = await conn.scalar(
-            select(threads.c.checkpoint_id).where(threads.c.thread_id == thread_id)
-        )
+        """Append a checkpoint and make it the thread's current values (and ``status``, a
+        value or a SQL expression, if given). ``parent_id`` is the thread's current
+        checkpoint when the caller knows it (else it is read here)."""
+        if parent_id is False:
+            parent_id = await conn.scalar(
+                select(threads.c.checkpoint_id).where(threads.c.thread_id == thread_id)
+            )
         checkpoint_id = new_id()
         stamp = now()
         await conn.execute(
@@ -236,7 +243,7 @@ class ThreadStore:
                 checkpoint_id=checkpoint_id,
                 tenant_id=tenant_id,
                 thread_id=thread_id,
-                parent_id=parent,
+                parent_id=parent_id,
                 run_id=run_id,
                 step=step,
                 values=values,
@@ -250,7 +257,7 @@ class ThreadStore:
             "checkpoint_id": checkpoint_id,
             "updated_at": stamp,
         }
-        if status:
+        if status is not None:
             changes["status"] = status
         await conn.execute(
             update(threads).where(threads.c.thread_id == thread_id).values(**changes)
@@ -261,7 +268,7 @@ class ThreadStore:
         self, tenant_id: str, thread_id: str, checkpoint_id: str
     ) -> dict[str, Any] | None:
         """One checkpoint of a thread."""
-        async with self.engine.connect() as conn:
+        async with self.auto.connect() as conn:
             result = await conn.execute(
                 select(checkpoints).where(
                     checkpoints.c.tenant_id == tenant_id,
@@ -284,7 +291,7 @@ class ThreadStore:
         query = select(checkpoints).where(
             checkpoints.c.tenant_id == tenant_id, checkpoints.c.thread_id == thread_id
         )
-        async with self.engine.connect() as conn:
+        async with self.auto.connect() as conn:
             if before:
                 stamp = await conn.scalar(
                     select(checkpoints.c.created_at).where(
@@ -298,7 +305,7 @@ class ThreadStore:
             return await match.page(conn, query, limit, 0)
 
     @staticmethod
-    async def set_status(conn: AsyncConnection, thread_id: str, status: str) -> None:
+    async def set_status(conn: AsyncConnection, thread_id: str, status: Any) -> None:
         """Set a thread's status (idle / busy / interrupted / error)."""
         await conn.execute(
             update(threads)

@@ -106,22 +106,30 @@ async def create_run(
         raise not_found("thread", thread_id or "")
     for interrupted in run.pop("interrupted_runs", ()):
         svc.pool.cancel(interrupted)
-    svc.pool.submit(run["run_id"])
+    svc.pool.submit(run["run_id"], run, assistant)
     return run
 
 
-async def events(svc: Services, run_id: str, modes: set[str], after: int) -> AsyncIterator[bytes]:
-    """SSE frames of a run: stored events after ``after``, then live ones until it ends."""
+async def events(
+    svc: Services, run_id: str, modes: set[str], after: int, fresh: bool = False
+) -> AsyncIterator[bytes]:
+    """SSE frames of a run: stored events after ``after``, then live ones until it ends.
+
+    A ``fresh`` run (queued by this request) has no stored events yet; a run followed live to
+    its end has had every event delivered: neither needs the database.
+    """
     last = after
-    for seq, name, data in await svc.db.runs.events(run_id, after):
-        last = seq
-        if frame := _frame(seq, name, data, modes):
-            yield frame
+    if not (fresh and svc.broker.is_live(run_id)):
+        for seq, name, data in await svc.db.runs.events(run_id, after):
+            last = seq
+            if frame := _frame(seq, name, data, modes):
+                yield frame
     if svc.broker.is_live(run_id):
         async for seq, name, data in svc.broker.subscribe(run_id, last):
             last = seq
             if frame := _frame(seq, name, data, modes):
                 yield frame
+        return
     for seq, name, data in await svc.db.runs.events(run_id, last):
         if frame := _frame(seq, name, data, modes):
             yield frame
@@ -142,11 +150,12 @@ def _sse(
     location: str,
     cancel_on_disconnect: bool,
     resumable: bool = True,
+    fresh: bool = False,
 ) -> StreamingResponse:
     async def body() -> AsyncIterator[bytes]:
         finished = False
         try:
-            async for frame in events(svc, run["run_id"], modes, after):
+            async for frame in events(svc, run["run_id"], modes, after, fresh):
                 yield frame
             finished = True
         finally:
@@ -192,14 +201,20 @@ async def wait_for(svc: Services, run: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _final_values(svc: Services, run: dict[str, Any]) -> dict[str, Any]:
-    final = await wait_for(svc, run)
-    thread = await svc.db.threads.get(run["tenant_id"], run["thread_id"])
-    values: dict[str, Any] = dict(thread["values"]) if thread else {}
-    if final["status"] == "error":
-        values["__error__"] = {
-            "error": "RunError",
-            "message": final.get("error") or "the run failed",
-        }
+    """The thread's values when the run ends (with ``__error__`` if it failed)."""
+    done = svc.pool.done_event(run["run_id"])
+    if done is not None:
+        await done.wait()
+    if done is not None and done.outcome is not None:  # ended here: no need to read it back
+        status, error, values = done.outcome
+    else:
+        final = await wait_for(svc, run)
+        thread = await svc.db.threads.get(run["tenant_id"], run["thread_id"])
+        status, error = final["status"], final.get("error")
+        values = thread["values"] if thread else {}
+    values = dict(values)
+    if status == "error":
+        values["__error__"] = {"error": "RunError", "message": error or "the run failed"}
     return values
 
 
@@ -245,6 +260,7 @@ async def stream_thread_run(
         run_path(run, False),
         body.on_disconnect == "cancel",
         body.stream_resumable,
+        fresh=True,
     )
 
 
@@ -375,6 +391,7 @@ async def stream_stateless_run(body: RunCreate, svc: Svc, caller: Caller) -> Str
         f"/threads/{run['thread_id']}/runs/{run['run_id']}",
         body.on_disconnect == "cancel",
         body.stream_resumable,
+        fresh=True,
     )
 
 

@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from nimbus.core.checkpoint import RunState, state_from_json, state_to_json
 from nimbus.core.events import (
@@ -29,8 +28,7 @@ from nimbus.server.broker import RunBroker
 from nimbus.server.langgraph import input_messages, thread_messages, to_lg
 from nimbus.server.metrics import METRICS
 from nimbus.store.database import Database
-from nimbus.store.runs import RunStore
-from nimbus.store.threads import ThreadStore
+from nimbus.store.writer import StepWrite
 
 TOKEN_MODES = {"messages", "messages-tuple", "events"}
 
@@ -64,12 +62,12 @@ class _Emitter:
 
 
 class RunCheckpoints:
-    """CheckpointStore for the core runtime: writes the run state, the thread's values (a
-    checkpoint in its history) and the buffered events, in one transaction per step.
+    """CheckpointStore for the core runtime: each save writes the run state, the thread's
+    values (a checkpoint in its history) and the buffered events atomically, through the
+    database's group-committing :class:`~nimbus.store.writer.StepWriter`.
 
     The last save of a run (its state finished or failed) is left to
-    :meth:`RunExecution.finish`, which writes it with the run's final status in one
-    transaction.
+    :meth:`RunExecution.finish`, which writes it together with the run's final status.
     """
 
     def __init__(self, executor: RunExecution) -> None:
@@ -80,10 +78,7 @@ class RunCheckpoints:
         if state.status != "running":
             x.unsaved_final = True
             return
-        async with x.db.engine.begin() as conn:
-            await RunStore.update_in(conn, x.run_id, state=_state_json(state))
-            await x.write_checkpoint(conn, state)
-            await RunStore.add_events(conn, x.tenant_id, x.run_id, x.emit.take())
+        await x.db.steps.write(x.step_write(state))
 
     async def load(self, run_id: str) -> RunState | None:
         run = await self.x.db.runs.get_any(run_id)
@@ -198,43 +193,36 @@ class RunExecution:
         METRICS.runs.labels("success").inc()
         return "success"
 
-    async def write_checkpoint(
-        self, conn: AsyncConnection, state: RunState, thread_status: Any = None
-    ) -> dict[str, Any]:
-        """Append ``state`` to the thread's history and make it the thread's values."""
-        values = self.values(state)
-        self.parent = await ThreadStore.save_checkpoint(
-            conn,
+    def step_write(
+        self, state: RunState, end: tuple[str, str | None, str] | None = None
+    ) -> StepWrite:
+        """The write of ``state`` (with a checkpoint unless it is the run's end and that was
+        saved already), and of the events emitted since the last one."""
+        write = StepWrite(
             self.tenant_id,
+            self.run_id,
             self.thread_id,
-            values=values,
-            metadata={"run_id": self.run_id, "step": state.step, "source": "loop"},
+            _state_json(state),
             step=state.step,
-            run_id=self.run_id,
             next_nodes=[] if state.status != "running" else ["agent"],
-            parent_id=self.parent,
-            status=thread_status,
+            events=self.emit.take(),
+            end=end,
         )
-        return values
+        if end is None or self.unsaved_final:
+            write.values, write.parent_id = self.values(state), self.parent
+            self.parent = write.checkpoint_id
+        return write
 
     async def finish(self, status: str, error: str | None, reason: str | None) -> None:
-        """Write the run's end in one transaction: its status and state, the last checkpoint
-        (when the last step was not saved yet), the thread's status and the last events."""
+        """Write the run's end in one go: its status and state, the last checkpoint (when the
+        last step was not saved yet), the thread's status and the last events."""
         if error is not None:
             self.emit("error", {"error": reason or "RunError", "message": error})
-        state = self.state
-        async with self.db.engine.begin() as conn:
-            final = await RunStore.finish_in(conn, self.run_id, status, error, _state_json(state))
-            thread_status = RunStore.thread_status_after(
-                self.thread_id, self.run_id, "error" if final == "error" else "idle"
-            )
-            if self.unsaved_final:
-                values = await self.write_checkpoint(conn, state, thread_status)
-            else:
-                values = self.values(state)
-                await ThreadStore.set_status(conn, self.thread_id, thread_status)
-            await RunStore.add_events(conn, self.tenant_id, self.run_id, self.emit.take())
-        self.outcome = (final, error, values)
+        write = self.step_write(
+            self.state, (status, error, "error" if status == "error" else "idle")
+        )
+        final = await self.db.steps.write(write) or status
+        self.outcome = (final, error, write.values or self.values(self.state))
 
     # --- core events → LangGraph stream parts -------------------------------------------
     def on_event(self, event: Event) -> None:

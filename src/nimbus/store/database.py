@@ -10,6 +10,7 @@ from nimbus.store.items import ItemStore
 from nimbus.store.keys import KeyStore
 from nimbus.store.runs import RunStore
 from nimbus.store.threads import ThreadStore
+from nimbus.store.writer import StepWriter
 
 
 class Database:
@@ -22,6 +23,7 @@ class Database:
         self.runs = RunStore(engine)
         self.items = ItemStore(engine)
         self.keys = KeyStore(engine)
+        self.steps = StepWriter(engine)
 
     @classmethod
     async def open(cls, url: str, *, run_migrations: bool = True) -> Database:
@@ -32,5 +34,6 @@ class Database:
         return cls(engine)
 
     async def close(self) -> None:
-        """Close every connection."""
+        """Finish queued step writes, then close every connection."""
+        await self.steps.close()
         await self.engine.dispose()

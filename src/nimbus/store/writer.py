@@ -1,0 +1,190 @@
+"""Group commit of run steps: the step writes of every run in flight go to the database in
+shared transactions, a few statements each whatever the number of runs.
+
+A run's step write is its state, a checkpoint of its thread, the thread's new values (and,
+at the end, status) and the run's new events. One writer task takes whatever writes are
+waiting, writes them all in one transaction (one ``executemany`` per table) and then
+answers each caller. Under load a transaction carries many runs' steps; alone, a step is
+written at once. A batch that fails is retried one write at a time, so one bad write fails
+only its own run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from sqlalchemy import bindparam, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from nimbus.store.common import new_id, now
+from nimbus.store.runs import RunStore
+from nimbus.store.schema import checkpoints, run_events, runs, threads
+
+log = structlog.get_logger("nimbus.store")
+MAX_BATCH = 256
+
+_set_state = (
+    update(runs)
+    .where(runs.c.run_id == bindparam("b_run_id"))
+    .values(state=bindparam("b_state", type_=runs.c.state.type), updated_at=bindparam("b_stamp"))
+)
+_set_values = (
+    update(threads)
+    .where(threads.c.thread_id == bindparam("b_thread_id"))
+    .values(
+        values=bindparam("b_values", type_=threads.c["values"].type),
+        checkpoint_id=bindparam("b_checkpoint_id"),
+        updated_at=bindparam("b_stamp"),
+    )
+)
+
+
+@dataclass
+class StepWrite:
+    """What one step of one run writes."""
+
+    tenant_id: str
+    run_id: str
+    thread_id: str
+    state: Any  #: the run state (a JSON column value)
+    values: dict[str, Any] | None = None  #: new thread values: a checkpoint is appended
+    parent_id: str | None = None  #: the thread's checkpoint before this one
+    step: int = 0
+    next_nodes: list[str] = field(default_factory=list)
+    events: list[tuple[int, str, Any]] = field(default_factory=list)
+    end: tuple[str, str | None, str] | None = None  #: (run status, error, thread status)
+    checkpoint_id: str = field(default_factory=new_id)  #: the appended checkpoint's id
+
+
+_Item = tuple[StepWrite, "asyncio.Future[str | None]"]
+
+
+class StepWriter:
+    """The single writer task of a process (see the module's docstring)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    async def write(self, step: StepWrite) -> str | None:
+        """Write ``step`` durably; for a run's end, returns its final status (``interrupted``
+        when it was cancelled meanwhile)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._loop(), name="nimbus-step-writer")
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((step, future))
+        return await asyncio.shield(future)  # a cancelled caller's write still lands
+
+    async def close(self) -> None:
+        """Finish the writes queued so far, then stop the writer task."""
+        task, self._task = self._task, None
+        if task is None or task.done():
+            return
+        self._queue.put_nowait(None)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def _loop(self) -> None:
+        while True:
+            first = await self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is None:
+                    await self._flush(batch)
+                    return
+                batch.append(item)
+            await self._flush(batch)
+
+    async def _flush(self, batch: list[_Item]) -> None:
+        try:
+            async with self.engine.begin() as conn:
+                results = await write_steps(conn, [step for step, _ in batch])
+        except Exception as exc:
+            if len(batch) > 1:  # find the bad write: each alone
+                for one in batch:
+                    await self._flush([one])
+                return
+            log.warning("store.step_write_failed", run_id=batch[0][0].run_id, error=str(exc))
+            if not batch[0][1].done():
+                batch[0][1].set_exception(exc)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+
+async def write_steps(conn: AsyncConnection, steps: list[StepWrite]) -> list[str | None]:
+    """Write ``steps`` inside an open transaction. Thread rows are locked before run rows,
+    in the same order as run creation does, so the two never deadlock."""
+    stamp = now()
+    results: list[str | None] = [None] * len(steps)
+    order = sorted(range(len(steps)), key=lambda i: steps[i].thread_id)  # one lock order
+    steps = [steps[i] for i in order]
+    with_values = [s for s in steps if s.values is not None and s.end is None]
+    if with_values:
+        await conn.execute(
+            _set_values,
+            [
+                {
+                    "b_thread_id": s.thread_id,
+                    "b_values": s.values,
+                    "b_checkpoint_id": s.checkpoint_id,
+                    "b_stamp": stamp,
+                }
+                for s in with_values
+            ],
+        )
+    for s in steps:
+        if s.end is not None:
+            thread_status = RunStore.thread_status_after(s.thread_id, s.run_id, s.end[2])
+            changes: dict[str, Any] = {"status": thread_status, "updated_at": stamp}
+            if s.values is not None:
+                changes.update(values=s.values, checkpoint_id=s.checkpoint_id)
+            await conn.execute(
+                update(threads).where(threads.c.thread_id == s.thread_id).values(**changes)
+            )
+    for i, s in zip(order, steps, strict=True):
+        if s.end is not None:
+            results[i] = await RunStore.finish_in(conn, s.run_id, s.end[0], s.end[1], s.state)
+    running = [s for s in steps if s.end is None]
+    if running:
+        await conn.execute(
+            _set_state,
+            [{"b_run_id": s.run_id, "b_state": s.state, "b_stamp": stamp} for s in running],
+        )
+    saved = [s for s in steps if s.values is not None]
+    if saved:
+        await conn.execute(
+            checkpoints.insert(),
+            [
+                {
+                    "checkpoint_id": s.checkpoint_id,
+                    "tenant_id": s.tenant_id,
+                    "thread_id": s.thread_id,
+                    "parent_id": s.parent_id,
+                    "run_id": s.run_id,
+                    "step": s.step,
+                    "values": s.values,
+                    "metadata": {"run_id": s.run_id, "step": s.step, "source": "loop"},
+                    "next": s.next_nodes,
+                    "created_at": stamp,
+                }
+                for s in saved
+            ],
+        )
+    events = [
+        {"run_id": s.run_id, "tenant_id": s.tenant_id, "seq": seq, "event": name, "data": data}
+        for s in steps
+        for seq, name, data in s.events
+    ]
+    if events:
+        await conn.execute(run_events.insert(), events)
+    return results

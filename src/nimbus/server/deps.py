@@ -27,7 +27,7 @@ class Services:
     pool: WorkerPool
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:
     """The app's services."""
     found: Services = request.app.state.services
     return found

@@ -13,7 +13,7 @@ from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nimbus.exceptions import ConfigError, UserError
-from nimbus.store.runs import ThreadBusy
+from nimbus.store.common import ThreadBusy
 
 log = structlog.get_logger("nimbus.server")
 

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nimbus.exceptions import UserError
 from nimbus.server.errors import APIError
-from nimbus.store.runs import ThreadBusy
+from nimbus.store.common import ThreadBusy
 
 ERROR_TYPES = {
     400: "invalid_request_error",

@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nimbus.store.common import JsonMatch, new_id, now, row
 from nimbus.store.db import autocommit
+from nimbus.store.pg import PgHotPath
 from nimbus.store.schema import assistant_versions, assistants
 
 SORTABLE = {"assistant_id", "graph_id", "name", "created_at", "updated_at"}
@@ -19,12 +20,15 @@ VERSIONED = ("graph_id", "name", "description", "config", "context", "metadata")
 class AssistantStore:
     """Queries on assistants; every method is scoped by ``tenant_id``."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, fast: PgHotPath | None = None) -> None:
         self.engine = engine
         self.auto = autocommit(engine)
+        self.fast = fast
 
     async def get(self, tenant_id: str, assistant_id: str) -> dict[str, Any] | None:
         """One assistant, or None (also when it belongs to another tenant)."""
+        if self.fast is not None:
+            return await self.fast.assistant(tenant_id, assistant_id)
         async with self.auto.connect() as conn:
             result = await conn.execute(
                 select(assistants).where(

@@ -17,6 +17,10 @@ _SQLITE_PATH_KEY = re.compile(r"[ !#-\[\]-~]{1,200}")
 _INT64 = 2**63
 
 
+class ThreadBusy(Exception):
+    """A run was refused because the thread already has an active run."""
+
+
 def now() -> datetime:
     """The current time, timezone-aware UTC."""
     return datetime.now(UTC)

@@ -8,6 +8,7 @@ from nimbus.store.assistants import AssistantStore
 from nimbus.store.db import create_engine, migrate
 from nimbus.store.items import ItemStore
 from nimbus.store.keys import KeyStore
+from nimbus.store.pg import PgHotPath
 from nimbus.store.runs import RunStore
 from nimbus.store.threads import ThreadStore
 from nimbus.store.writer import StepWriter
@@ -16,24 +17,31 @@ from nimbus.store.writer import StepWriter
 class Database:
     """The engine plus the assistant, thread, run, item and key stores."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, fast: PgHotPath | None = None) -> None:
         self.engine = engine
-        self.assistants = AssistantStore(engine)
-        self.threads = ThreadStore(engine)
-        self.runs = RunStore(engine)
+        self.fast = fast
+        self.assistants = AssistantStore(engine, fast)
+        self.threads = ThreadStore(engine, fast)
+        self.runs = RunStore(engine, fast)
         self.items = ItemStore(engine)
         self.keys = KeyStore(engine)
-        self.steps = StepWriter(engine)
+        self.steps = StepWriter(engine, fast)
 
     @classmethod
-    async def open(cls, url: str, *, run_migrations: bool = True) -> Database:
-        """Connect to ``url`` and bring its schema up to date."""
-        engine = create_engine(url)
+    async def open(cls, url: str, *, run_migrations: bool = True, pool_size: int = 20) -> Database:
+        """Connect to ``url`` and bring its schema up to date. PostgreSQL also gets the
+        asyncpg pool of the per-run statements (:mod:`nimbus.store.pg`)."""
+        engine = create_engine(url, pool_size=pool_size)
         if run_migrations:
             await migrate(engine)
-        return cls(engine)
+        fast = None
+        if engine.dialect.name == "postgresql":
+            fast = await PgHotPath.open(url, pool_size)
+        return cls(engine, fast)
 
     async def close(self) -> None:
         """Finish queued step writes, then close every connection."""
         await self.steps.close()
+        if self.fast is not None:
+            await self.fast.close()
         await self.engine.dispose()

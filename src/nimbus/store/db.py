@@ -49,7 +49,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _json_dumps(value: Any) -> str:
+def dump_json(value: Any) -> str:
+    """JSON text of ``value`` (orjson; the standard library for what orjson refuses)."""
     try:
         return orjson.dumps(value).decode()
     except TypeError:  # what orjson refuses, such as integers beyond 64 bits
@@ -59,7 +60,8 @@ def _json_dumps(value: Any) -> str:
 _LONG_NUMBER = re.compile(r"\d{19}")
 
 
-def _json_loads(text: str | bytes) -> Any:
+def load_json(text: str | bytes) -> Any:
+    """Parse JSON text (orjson; the standard library where it would lose precision)."""
     if isinstance(text, bytes):
         text = text.decode()
     if _LONG_NUMBER.search(text):  # orjson reads integers beyond 64 bits as floats
@@ -77,7 +79,7 @@ def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
     before every checkout, which would cost a round trip per query).
     """
     target = async_url(url)
-    json = {"json_serializer": _json_dumps, "json_deserializer": _json_loads}
+    json = {"json_serializer": dump_json, "json_deserializer": load_json}
     if target.startswith("sqlite"):
         engine = create_async_engine(target, pool_size=1, max_overflow=0, pool_timeout=60, **json)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)

@@ -8,8 +8,9 @@ from typing import Any
 from sqlalchemy import ColumnElement, case, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from nimbus.store.common import JsonMatch, new_id, now, row
+from nimbus.store.common import JsonMatch, ThreadBusy, new_id, now, row
 from nimbus.store.db import autocommit
+from nimbus.store.pg import PgHotPath
 from nimbus.store.schema import run_events, runs, threads
 from nimbus.store.threads import ThreadStore
 
@@ -17,16 +18,13 @@ ACTIVE = ("pending", "running")
 FINAL = ("success", "error", "timeout", "interrupted")
 
 
-class ThreadBusy(Exception):
-    """A run was refused because the thread already has an active run."""
-
-
 class RunStore:
     """Queries on runs and run events; every method is scoped by ``tenant_id``."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, fast: PgHotPath | None = None) -> None:
         self.engine = engine
         self.auto = autocommit(engine)
+        self.fast = fast
 
     async def create(
         self,
@@ -46,6 +44,12 @@ class RunStore:
         ``reject``. With ``interrupt``/``rollback`` the active runs are marked for
         interruption (the worker sees the status change and stops).
         """
+        if self.fast is not None and thread_id is not None:
+            queued = await self.fast.queue_run(
+                tenant_id, thread_id, assistant_id, kwargs, metadata, multitask_strategy
+            )
+            if queued is not None:
+                return queued  # else no such thread: the general path below decides
         async with self.engine.begin() as conn:
             active: list[str] = []
             if thread_id is None:
@@ -228,6 +232,8 @@ class RunStore:
     async def mark_running(self, run_id: str) -> dict[str, Any] | None:
         """Claim a pending (or resumed) run: status running, one more attempt. Returns the run,
         or None when it is no longer active (cancelled or finished meanwhile)."""
+        if self.fast is not None:
+            return await self.fast.claim(run_id)
         async with self.auto.begin() as conn:
             claimed = await conn.execute(
                 update(runs)

@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from nimbus.store.common import JsonMatch, new_id, now, row
 from nimbus.store.db import autocommit
+from nimbus.store.pg import PgHotPath
 from nimbus.store.schema import checkpoints, run_events, runs, threads
 
 SORTABLE = {"thread_id", "status", "created_at", "updated_at"}
@@ -18,12 +19,15 @@ STATUSES = {"idle", "busy", "interrupted", "error"}
 class ThreadStore:
     """Queries on threads and checkpoints; every method is scoped by ``tenant_id``."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, fast: PgHotPath | None = None) -> None:
         self.engine = engine
         self.auto = autocommit(engine)
+        self.fast = fast
 
     async def get(self, tenant_id: str, thread_id: str) -> dict[str, Any] | None:
         """One thread, or None (also when it belongs to another tenant)."""
+        if self.fast is not None:
+            return await self.fast.thread(tenant_id, thread_id)
         async with self.auto.connect() as conn:
             return await self.get_in(conn, tenant_id, thread_id)
 

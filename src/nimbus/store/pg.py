@@ -75,7 +75,14 @@ class PgHotPath:
     async def open(cls, url: str, size: int) -> PgHotPath:
         """A pool of up to ``size`` connections to ``url``."""
         pool = await asyncpg.create_pool(
-            dsn(url), min_size=1, max_size=size, init=_setup, max_inactive_connection_lifetime=300
+            dsn(url),
+            min_size=1,
+            max_size=size,
+            init=_setup,
+            max_inactive_connection_lifetime=300,
+            # The statements here are key lookups and batch writes, one good plan each: plan
+            # them once per connection, not at every execution.
+            server_settings={"plan_cache_mode": "force_generic_plan"},
         )
         return cls(pool)
 

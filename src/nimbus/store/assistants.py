@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import Select, delete, func, select, update
+from sqlalchemy import Select, bindparam, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nimbus.store.common import JsonMatch, new_id, now, row
@@ -13,6 +13,10 @@ from nimbus.store.db import autocommit
 from nimbus.store.pg import PgHotPath
 from nimbus.store.schema import assistant_versions, assistants
 
+_GET = select(assistants).where(
+    assistants.c.tenant_id == bindparam("tenant_id"),
+    assistants.c.assistant_id == bindparam("assistant_id"),
+)
 SORTABLE = {"assistant_id", "graph_id", "name", "created_at", "updated_at"}
 VERSIONED = ("graph_id", "name", "description", "config", "context", "metadata")
 
@@ -31,9 +35,7 @@ class AssistantStore:
             return await self.fast.assistant(tenant_id, assistant_id)
         async with self.auto.connect() as conn:
             result = await conn.execute(
-                select(assistants).where(
-                    assistants.c.tenant_id == tenant_id, assistants.c.assistant_id == assistant_id
-                )
+                _GET, {"tenant_id": tenant_id, "assistant_id": assistant_id}
             )
             return row(result.mappings().first())
 

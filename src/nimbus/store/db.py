@@ -1,6 +1,7 @@
 """Database connections: plain URLs in, the right async driver chosen here, migrations at start.
 
-``sqlite:///path.db`` → aiosqlite, ``postgresql://user@host/db`` → asyncpg.
+``sqlite:///path.db`` → SQLAlchemy's aiosqlite dialect over an in-loop connection
+(:mod:`nimbus.store.sqlite`), ``postgresql://user@host/db`` → asyncpg.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from nimbus.exceptions import ConfigError
+from nimbus.store.sqlite import in_loop_creator
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -72,16 +74,24 @@ def load_json(text: str | bytes) -> Any:
 def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
     """An async engine for ``url``, JSON columns (de)serialised by orjson.
 
-    SQLite (WAL mode) gets a single connection: SQLite runs one writer at a time anyway, and
-    one connection shared in turn never fails with "database is locked" under load, as
-    several connections upgrading their transactions to writers at once would. PostgreSQL
+    SQLite (WAL mode, run on the event loop's thread) gets a single connection: SQLite runs
+    one writer at a time anyway, and one connection shared in turn never fails with
+    "database is locked" under load, as several connections upgrading their transactions to
+    writers at once would. PostgreSQL
     gets a pool; a connection the server dropped is detected on use and replaced (no ping
     before every checkout, which would cost a round trip per query).
     """
     target = async_url(url)
     json = {"json_serializer": dump_json, "json_deserializer": load_json}
     if target.startswith("sqlite"):
-        engine = create_async_engine(target, pool_size=1, max_overflow=0, pool_timeout=60, **json)
+        engine = create_async_engine(
+            target,
+            async_creator=in_loop_creator(make_url(target).database or ":memory:"),
+            pool_size=1,
+            max_overflow=0,
+            pool_timeout=60,
+            **json,
+        )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     return create_async_engine(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, case, delete, func, select, update
+from sqlalchemy import ColumnElement, bindparam, case, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from nimbus.store.common import JsonMatch, ThreadBusy, new_id, now, row
@@ -16,6 +16,26 @@ from nimbus.store.threads import ThreadStore
 
 ACTIVE = ("pending", "running")
 FINAL = ("success", "error", "timeout", "interrupted")
+_IS_ACTIVE = or_(runs.c.status == "pending", runs.c.status == "running")
+
+# The statements of every run, built once (building one costs more than running it on SQLite).
+_BUSY = (
+    update(threads)
+    .where(
+        threads.c.tenant_id == bindparam("b_tenant_id"),
+        threads.c.thread_id == bindparam("b_thread_id"),
+    )
+    .values(status="busy", updated_at=bindparam("b_stamp"))
+    .returning(threads.c.thread_id)
+)
+_ACTIVE_RUNS = select(runs.c.run_id).where(runs.c.thread_id == bindparam("b_thread_id"), _IS_ACTIVE)
+_CLAIM = (
+    update(runs)
+    .where(runs.c.run_id == bindparam("b_run_id"), _IS_ACTIVE)
+    .values(status="running", attempts=runs.c.attempts + 1, updated_at=bindparam("b_stamp"))
+    .returning(*runs.c)
+)
+_INSERT = runs.insert()
 
 
 class RunStore:
@@ -64,21 +84,11 @@ class RunStore:
             else:
                 # Marking the thread busy also locks its row until the run is queued.
                 locked = await conn.execute(
-                    update(threads)
-                    .where(threads.c.tenant_id == tenant_id, threads.c.thread_id == thread_id)
-                    .values(status="busy", updated_at=now())
-                    .returning(threads.c.thread_id)
+                    _BUSY, {"b_tenant_id": tenant_id, "b_thread_id": thread_id, "b_stamp": now()}
                 )
                 if locked.first() is not None:
-                    active = list(
-                        (
-                            await conn.execute(
-                                select(runs.c.run_id).where(
-                                    runs.c.thread_id == thread_id, runs.c.status.in_(ACTIVE)
-                                )
-                            )
-                        ).scalars()
-                    )
+                    found = await conn.execute(_ACTIVE_RUNS, {"b_thread_id": thread_id})
+                    active = list(found.scalars())
                 elif if_not_exists != "create":
                     return None
                 else:
@@ -114,7 +124,7 @@ class RunStore:
                 "created_at": stamp,
                 "updated_at": stamp,
             }
-            await conn.execute(runs.insert().values(**values))
+            await conn.execute(_INSERT, values)
         if active:
             return {**values, "interrupted_runs": active}
         return values
@@ -235,12 +245,7 @@ class RunStore:
         if self.fast is not None:
             return await self.fast.claim(run_id)
         async with self.auto.begin() as conn:
-            claimed = await conn.execute(
-                update(runs)
-                .where(runs.c.run_id == run_id, runs.c.status.in_(ACTIVE))
-                .values(status="running", attempts=runs.c.attempts + 1, updated_at=now())
-                .returning(*runs.c)
-            )
+            claimed = await conn.execute(_CLAIM, {"b_run_id": run_id, "b_stamp": now()})
             return row(claimed.mappings().first())
 
     @staticmethod

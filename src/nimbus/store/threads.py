@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from sqlalchemy import Select, delete, select, update
+from sqlalchemy import Select, bindparam, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from nimbus.store.common import JsonMatch, new_id, now, row
@@ -12,6 +12,10 @@ from nimbus.store.db import autocommit
 from nimbus.store.pg import PgHotPath
 from nimbus.store.schema import checkpoints, run_events, runs, threads
 
+# Built once: building a statement costs more than running it on SQLite.
+_GET = select(threads).where(
+    threads.c.tenant_id == bindparam("tenant_id"), threads.c.thread_id == bindparam("thread_id")
+)
 SORTABLE = {"thread_id", "status", "created_at", "updated_at"}
 STATUSES = {"idle", "busy", "interrupted", "error"}
 
@@ -36,11 +40,7 @@ class ThreadStore:
         conn: AsyncConnection, tenant_id: str, thread_id: str
     ) -> dict[str, Any] | None:
         """:meth:`get` inside an open connection or transaction."""
-        result = await conn.execute(
-            select(threads).where(
-                threads.c.tenant_id == tenant_id, threads.c.thread_id == thread_id
-            )
-        )
+        result = await conn.execute(_GET, {"tenant_id": tenant_id, "thread_id": thread_id})
         return row(result.mappings().first())
 
     async def create(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, bindparam, case, delete, func, or_, select, update
+from sqlalchemy import bindparam, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from nimbus.store.common import JsonMatch, ThreadBusy, new_id, now, row
@@ -247,32 +247,6 @@ class RunStore:
         async with self.auto.begin() as conn:
             claimed = await conn.execute(_CLAIM, {"b_run_id": run_id, "b_stamp": now()})
             return row(claimed.mappings().first())
-
-    @staticmethod
-    async def finish_in(
-        conn: AsyncConnection, run_id: str, status: str, error: str | None, state: Any
-    ) -> str:
-        """Record a run's end inside an open transaction; returns its final status, which
-        stays ``interrupted`` when the run was cancelled meanwhile."""
-        ended = await conn.execute(
-            update(runs)
-            .where(runs.c.run_id == run_id, runs.c.status != "interrupted")
-            .values(status=status, error=error, state=state, updated_at=now())
-            .returning(runs.c.run_id)
-        )
-        if ended.first() is not None:
-            return status
-        await RunStore.update_in(conn, run_id, state=state)
-        return "interrupted"
-
-    @staticmethod
-    def thread_status_after(thread_id: str, run_id: str, status: str) -> ColumnElement[str]:
-        """The thread's status once ``run_id`` ends: ``status``, or ``busy`` while another
-        run of the thread is active (a SQL expression, evaluated in the write)."""
-        others = select(runs.c.run_id).where(
-            runs.c.thread_id == thread_id, runs.c.run_id != run_id, runs.c.status.in_(ACTIVE)
-        )
-        return case((others.exists(), "busy"), else_=status)
 
     @staticmethod
     async def update_in(conn: AsyncConnection, run_id: str, **values: Any) -> None:

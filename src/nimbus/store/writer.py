@@ -18,32 +18,67 @@ from typing import Any
 
 import asyncpg
 import structlog
-from sqlalchemy import bindparam, update
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy import Connection, bindparam, case, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nimbus.store.common import new_id, now
 from nimbus.store.db import dump_json
 from nimbus.store.pg import PgHotPath
-from nimbus.store.runs import RunStore
 from nimbus.store.schema import checkpoints, run_events, runs, threads
 
 log = structlog.get_logger("nimbus.store")
 MAX_BATCH = 256
 
-_set_state = (
+_JSON = threads.c["values"].type
+_SET_STATE = (
     update(runs)
     .where(runs.c.run_id == bindparam("b_run_id"))
-    .values(state=bindparam("b_state", type_=runs.c.state.type), updated_at=bindparam("b_stamp"))
+    .values(state=bindparam("b_state", type_=_JSON), updated_at=bindparam("b_stamp"))
 )
-_set_values = (
+_SET_VALUES = (
     update(threads)
     .where(threads.c.thread_id == bindparam("b_thread_id"))
     .values(
-        values=bindparam("b_values", type_=threads.c["values"].type),
+        values=bindparam("b_values", type_=_JSON),
         checkpoint_id=bindparam("b_checkpoint_id"),
         updated_at=bindparam("b_stamp"),
     )
 )
+# A run's end: the thread goes to the given status, or stays busy while another run of it is
+# active; the run takes its final status unless it was interrupted meanwhile.
+_OTHER_ACTIVE = (
+    select(runs.c.run_id)
+    .where(
+        runs.c.thread_id == bindparam("b_thread_id"),
+        runs.c.run_id != bindparam("b_run_id"),
+        or_(runs.c.status == "pending", runs.c.status == "running"),
+    )
+    .exists()
+)
+_END_THREAD = (
+    update(threads)
+    .where(threads.c.thread_id == bindparam("b_thread_id"))
+    .values(
+        status=case((_OTHER_ACTIVE, "busy"), else_=bindparam("b_status")),
+        updated_at=bindparam("b_stamp"),
+    )
+)
+_END_THREAD_VALUES = _END_THREAD.values(
+    values=bindparam("b_values", type_=_JSON), checkpoint_id=bindparam("b_checkpoint_id")
+)
+_END_RUN = (
+    update(runs)
+    .where(runs.c.run_id == bindparam("b_run_id"), runs.c.status != "interrupted")
+    .values(
+        status=bindparam("b_status"),
+        error=bindparam("b_error"),
+        state=bindparam("b_state", type_=_JSON),
+        updated_at=bindparam("b_stamp"),
+    )
+    .returning(runs.c.run_id)
+)
+_INSERT_CHECKPOINT = checkpoints.insert()
+_INSERT_EVENTS = run_events.insert()
 
 
 @dataclass
@@ -114,7 +149,7 @@ class StepWriter:
                 results = await write_steps_pg(self.fast.pool, steps)
             else:
                 async with self.engine.begin() as conn:
-                    results = await write_steps(conn, steps)
+                    results = await conn.run_sync(write_steps, steps)
         except Exception as exc:
             if len(batch) > 1:  # find the bad write: each alone
                 for one in batch:
@@ -213,17 +248,18 @@ async def write_steps_pg(pg: asyncpg.Pool, steps: list[StepWrite]) -> list[str |
     return [status.get(s.run_id) if s.end is not None else None for s in given]
 
 
-async def write_steps(conn: AsyncConnection, steps: list[StepWrite]) -> list[str | None]:
-    """Write ``steps`` inside an open transaction. Thread rows are locked before run rows,
-    in the same order as run creation does, so the two never deadlock."""
+def write_steps(conn: Connection, steps: list[StepWrite]) -> list[str | None]:
+    """Write ``steps`` inside an open transaction (SQLite; synchronous, for ``run_sync``: one
+    greenlet for the batch, not one per statement). Thread rows are written before run rows,
+    in thread order, as run creation does."""
     stamp = now()
     results: list[str | None] = [None] * len(steps)
     order = sorted(range(len(steps)), key=lambda i: steps[i].thread_id)  # one lock order
     steps = [steps[i] for i in order]
     with_values = [s for s in steps if s.values is not None and s.end is None]
     if with_values:
-        await conn.execute(
-            _set_values,
+        conn.execute(
+            _SET_VALUES,
             [
                 {
                     "b_thread_id": s.thread_id,
@@ -236,26 +272,42 @@ async def write_steps(conn: AsyncConnection, steps: list[StepWrite]) -> list[str
         )
     for s in steps:
         if s.end is not None:
-            thread_status = RunStore.thread_status_after(s.thread_id, s.run_id, s.end[2])
-            changes: dict[str, Any] = {"status": thread_status, "updated_at": stamp}
-            if s.values is not None:
-                changes.update(values=s.values, checkpoint_id=s.checkpoint_id)
-            await conn.execute(
-                update(threads).where(threads.c.thread_id == s.thread_id).values(**changes)
-            )
+            params = {
+                "b_thread_id": s.thread_id,
+                "b_run_id": s.run_id,
+                "b_status": s.end[2],
+                "b_stamp": stamp,
+            }
+            if s.values is None:
+                conn.execute(_END_THREAD, params)
+            else:
+                params.update(b_values=s.values, b_checkpoint_id=s.checkpoint_id)
+                conn.execute(_END_THREAD_VALUES, params)
     for i, s in zip(order, steps, strict=True):
         if s.end is not None:
-            results[i] = await RunStore.finish_in(conn, s.run_id, s.end[0], s.end[1], s.state)
+            params = {
+                "b_run_id": s.run_id,
+                "b_status": s.end[0],
+                "b_error": s.end[1],
+                "b_state": s.state,
+                "b_stamp": stamp,
+            }
+            ended = conn.execute(_END_RUN, params).first() is not None
+            if not ended:  # cancelled meanwhile: it stays interrupted
+                conn.execute(
+                    _SET_STATE, {"b_run_id": s.run_id, "b_state": s.state, "b_stamp": stamp}
+                )
+            results[i] = s.end[0] if ended else "interrupted"
     running = [s for s in steps if s.end is None]
     if running:
-        await conn.execute(
-            _set_state,
+        conn.execute(
+            _SET_STATE,
             [{"b_run_id": s.run_id, "b_state": s.state, "b_stamp": stamp} for s in running],
         )
     saved = [s for s in steps if s.values is not None]
     if saved:
-        await conn.execute(
-            checkpoints.insert(),
+        conn.execute(
+            _INSERT_CHECKPOINT,
             [
                 {
                     "checkpoint_id": s.checkpoint_id,
@@ -278,5 +330,5 @@ async def write_steps(conn: AsyncConnection, steps: list[StepWrite]) -> list[str
         for seq, name, data in s.events
     ]
     if events:
-        await conn.execute(run_events.insert(), events)
+        conn.execute(_INSERT_EVENTS, events)
     return results

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import os
 import socket
+import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from nimbus.testing.fake_openai import FakeOpenAIServer
+from tests.postgres import DEFAULT_PG, answers, throwaway_cluster
 
 _real_connect = socket.socket.connect
 _real_connect_ex = socket.socket.connect_ex
@@ -52,3 +58,41 @@ async def fake_openai() -> AsyncIterator[FakeOpenAIServer]:
     """A scripted OpenAI-compatible server on a loopback port (asks for one tool call)."""
     async with FakeOpenAIServer(tool_arguments='{"expression": "6 * 7"}') as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> Iterator[str]:
+    """A PostgreSQL server URL with rights to create databases."""
+    url = os.environ.get("NIMBUS_TEST_POSTGRES_URL", DEFAULT_PG)
+    if asyncio.run(answers(url)):
+        yield url
+        return
+    with throwaway_cluster() as started:
+        yield started
+
+
+@pytest.fixture
+def postgres_url(postgres_admin_url: str) -> Iterator[str]:
+    """A fresh, empty database for one test."""
+    name = "nimbus_test_" + uuid.uuid4().hex[:12]
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(postgres_admin_url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    base = postgres_admin_url.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each database test runs on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/nimbus.db"
+    url: str = request.getfixturevalue("postgres_url")
+    return url

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+
 import httpx
 import pytest
 from langgraph_sdk import get_client
@@ -210,3 +213,40 @@ async def test_cancel(server: LiveServer) -> None:
         await client.runs.cancel(
             thread["thread_id"], "00000000-0000-0000-0000-000000000000", wait=True
         )
+
+
+async def test_many_concurrent_runs_all_succeed_with_their_history(server: LiveServer) -> None:
+    """Concurrent runs share the step writer's transactions (and SQLite its one connection):
+    none fails, none loses a step, each thread's history chains its own checkpoints."""
+    client = get_client(url=server.url, api_key=server.admin_key)
+    assistant = await client.assistants.create(graph_id="agent", config=CALC)
+    threads = [await client.threads.create() for _ in range(24)]
+
+    async def one(thread_id: str, mode: str) -> None:
+        ask = {"messages": [{"role": "user", "content": "What is 6 times 7?"}]}
+        if mode == "wait":
+            values = await client.runs.wait(thread_id, assistant["assistant_id"], input=ask)
+            assert isinstance(values, dict)
+        else:
+            parts = [
+                p async for p in client.runs.stream(thread_id, assistant["assistant_id"], input=ask)
+            ]
+            assert parts[0].event == "metadata" and parts[-1].event == "values"
+            values = parts[-1].data
+        assert values["messages"][-1]["content"] == "The result is 42."
+
+    await asyncio.gather(
+        *(one(t["thread_id"], "wait" if i % 2 else "stream") for i, t in enumerate(threads))
+    )
+    for thread in threads:
+        state = await client.threads.get_state(thread["thread_id"])
+        assert [m["type"] for m in state["values"]["messages"]] == ["human", "ai", "tool", "ai"]
+        history = await client.threads.get_history(thread["thread_id"], limit=50)
+        assert len(history) == 3  # after the model's call, the tool, the final answer
+        for newer, older in itertools.pairwise(history):
+            assert (
+                newer["parent_checkpoint"]["checkpoint_id"] == older["checkpoint"]["checkpoint_id"]
+            )
+        runs = await client.runs.list(thread["thread_id"])
+        assert [r["status"] for r in runs] == ["success"]
+        assert (await client.threads.get(thread["thread_id"]))["status"] == "idle"

@@ -107,6 +107,8 @@ class StepWriter:
     def __init__(self, engine: AsyncEngine, fast: PgHotPath | None = None) -> None:
         self.engine = engine
         self.fast = fast
+        self.batches = 0  #: transactions written (each holds one or more steps)
+        self.steps = 0  #: steps written
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -159,6 +161,8 @@ class StepWriter:
             if not batch[0][1].done():
                 batch[0][1].set_exception(exc)
             return
+        self.batches += 1
+        self.steps += len(batch)
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)

@@ -6,12 +6,12 @@ import asyncio
 
 import asyncpg
 
-from tests.server.conftest import _answers, _throwaway_cluster
+from tests.postgres import answers, throwaway_cluster
 
 
 def test_throwaway_cluster_starts_answers_and_goes_away() -> None:
-    with _throwaway_cluster() as url:
-        assert asyncio.run(_answers(url))
+    with throwaway_cluster() as url:
+        assert asyncio.run(answers(url))
 
         async def version() -> str:
             conn = await asyncpg.connect(url)
@@ -21,4 +21,4 @@ def test_throwaway_cluster_starts_answers_and_goes_away() -> None:
                 await conn.close()
 
         assert asyncio.run(version())[0].isdigit()
-    assert not asyncio.run(_answers(url))
+    assert not asyncio.run(answers(url))

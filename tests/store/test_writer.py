@@ -1,0 +1,131 @@
+"""Group commit of run steps, on SQLite and on PostgreSQL: every step lands, concurrent steps
+share transactions, a bad step fails alone, and a run's end respects a cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+
+from nimbus.store.database import Database
+from nimbus.store.writer import StepWrite
+
+TENANT = "t1"
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    database = await Database.open(database_url)
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+async def _queued_run(db: Database) -> dict[str, str]:
+    thread, _ = await db.threads.create(TENANT, thread_id=None, metadata={})
+    assistant, _ = await db.assistants.create(
+        TENANT,
+        assistant_id=None,
+        graph_id="agent",
+        name="a",
+        description=None,
+        config={},
+        context={},
+        metadata={},
+        if_exists="raise",
+    )
+    run = await db.runs.create(
+        TENANT,
+        thread_id=thread["thread_id"],
+        assistant_id=assistant["assistant_id"],
+        kwargs={},
+        metadata={},
+        multitask_strategy="enqueue",
+    )
+    assert run is not None
+    return {"run_id": run["run_id"], "thread_id": thread["thread_id"]}
+
+
+def _step(run: dict[str, str], n: int, **changes: object) -> StepWrite:
+    write = StepWrite(
+        TENANT,
+        run["run_id"],
+        run["thread_id"],
+        orjson.Fragment(orjson.dumps({"step": n})),
+        values={"messages": [{"type": "human", "content": f"step {n}", "id": str(n)}]},
+        step=n,
+        next_nodes=["agent"],
+        events=[(n, "values", {"n": n}), (n + 100, "messages", [{"n": n}, {"meta": True}])],
+    )
+    for key, value in changes.items():
+        setattr(write, key, value)
+    return write
+
+
+async def test_concurrent_steps_all_land_in_shared_transactions(db: Database) -> None:
+    runs = [await _queued_run(db) for _ in range(12)]
+    before = db.steps.batches
+    await asyncio.gather(*(db.steps.write(_step(run, 1)) for run in runs))
+    assert db.steps.batches - before < len(runs)  # several steps per transaction
+    for run in runs:
+        thread = await db.threads.get(TENANT, run["thread_id"])
+        assert thread is not None
+        assert thread["values"]["messages"][0]["content"] == "step 1"
+        history = await db.threads.history(TENANT, run["thread_id"])
+        assert [h["checkpoint_id"] for h in history] == [thread["checkpoint_id"]]
+        assert history[0]["next"] == ["agent"]
+        stored = await db.runs.get(TENANT, run["run_id"])
+        assert stored is not None and stored["state"] == {"step": 1}
+        events = await db.runs.events(run["run_id"])
+        assert events == [(1, "values", {"n": 1}), (101, "messages", [{"n": 1}, {"meta": True}])]
+
+
+async def test_a_bad_step_fails_alone(db: Database) -> None:
+    good, bad = await _queued_run(db), await _queued_run(db)
+    await db.steps.write(_step(bad, 1))
+    # the same event numbers again break the unique (run, seq) index: only for that run
+    results = await asyncio.gather(
+        db.steps.write(_step(good, 1)), db.steps.write(_step(bad, 1)), return_exceptions=True
+    )
+    assert results[0] is None
+    assert isinstance(results[1], Exception)
+    assert len(await db.runs.events(good["run_id"])) == 2
+    assert len(await db.runs.events(bad["run_id"])) == 2  # nothing half-written
+
+
+async def test_the_end_of_a_cancelled_run_keeps_it_interrupted(db: Database) -> None:
+    run = await _queued_run(db)
+    assert await db.runs.mark_running(run["run_id"]) is not None
+    await db.runs.cancel(TENANT, run["run_id"], None, "interrupt")
+    final = await db.steps.write(_step(run, 2, end=("success", None, "idle")))
+    assert final == "interrupted"
+    stored = await db.runs.get(TENANT, run["run_id"])
+    assert stored is not None
+    assert stored["status"] == "interrupted" and stored["state"] == {"step": 2}
+    thread = await db.threads.get(TENANT, run["thread_id"])
+    assert thread is not None and thread["status"] == "idle"
+
+
+async def test_the_end_of_a_run_leaves_its_thread_busy_while_another_waits(
+    db: Database,
+) -> None:
+    run = await _queued_run(db)
+    waiting = await db.runs.create(
+        TENANT,
+        thread_id=run["thread_id"],
+        assistant_id=(await db.runs.get(TENANT, run["run_id"]) or {})["assistant_id"],
+        kwargs={},
+        metadata={},
+        multitask_strategy="enqueue",
+    )
+    assert waiting is not None
+    assert await db.runs.mark_running(run["run_id"]) is not None
+    final = await db.steps.write(_step(run, 1, end=("error", "boom", "error")))
+    assert final == "error"
+    thread = await db.threads.get(TENANT, run["thread_id"])
+    assert thread is not None and thread["status"] == "busy"
+    stored = await db.runs.get(TENANT, run["run_id"])
+    assert stored is not None and (stored["status"], stored["error"]) == ("error", "boom")

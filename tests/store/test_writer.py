@@ -98,7 +98,7 @@ async def test_a_bad_step_fails_alone(db: Database) -> None:
 
 async def test_the_end_of_a_cancelled_run_keeps_it_interrupted(db: Database) -> None:
     run = await _queued_run(db)
-    assert await db.runs.mark_running(run["run_id"]) is not None
+    assert await db.runs.claim(run["run_id"]) is not None
     await db.runs.cancel(TENANT, run["run_id"], None, "interrupt")
     final = await db.steps.write(_step(run, 2, end=("success", None, "idle")))
     assert final == "interrupted"
@@ -122,7 +122,7 @@ async def test_the_end_of_a_run_leaves_its_thread_busy_while_another_waits(
         multitask_strategy="enqueue",
     )
     assert waiting is not None
-    assert await db.runs.mark_running(run["run_id"]) is not None
+    assert await db.runs.claim(run["run_id"]) is not None
     final = await db.steps.write(_step(run, 1, end=("error", "boom", "error")))
     assert final == "error"
     thread = await db.threads.get(TENANT, run["thread_id"])

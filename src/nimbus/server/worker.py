@@ -127,12 +127,12 @@ class WorkerPool:
     async def _attempt(
         self, run_id: str, assistant: dict[str, Any] | None
     ) -> tuple[str, str | None, dict[str, Any]] | None:
-        run = await self.db.runs.mark_running(run_id)
-        if run is None:
+        claimed = await self.db.runs.claim(run_id)
+        if claimed is None:
             return None  # cancelled or finished meanwhile
+        run, thread = claimed
         if assistant is None:
             assistant = await self.db.assistants.get(run["tenant_id"], run["assistant_id"])
-        thread = await self.db.threads.get(run["tenant_id"], run["thread_id"])
         if assistant is None or thread is None:
             await self._fail(run, "the run's assistant or thread was deleted")
             return None

@@ -16,27 +16,24 @@ from sqlalchemy.engine import make_url
 
 from nimbus.store.common import ThreadBusy, new_id, now
 
-ACTIVE = ["pending", "running"]
-
 _THREAD = "SELECT * FROM threads WHERE tenant_id = $1 AND thread_id = $2"
 _ASSISTANT = "SELECT * FROM assistants WHERE tenant_id = $1 AND assistant_id = $2"
 _CLAIM = """
-UPDATE runs SET status = 'running', attempts = attempts + 1, updated_at = $2
-WHERE run_id = $1 AND status IN ('pending', 'running')
-RETURNING *
+WITH r AS (
+    UPDATE runs SET status = 'running', attempts = attempts + 1, updated_at = $2
+    WHERE run_id = $1 AND status IN ('pending', 'running')
+    RETURNING *
+), t AS (
+    UPDATE threads SET status = 'busy', updated_at = $2
+    FROM r WHERE threads.thread_id = r.thread_id AND threads.tenant_id = r.tenant_id
+    RETURNING threads.thread_id, threads."values", threads.checkpoint_id
+)
+SELECT r.*, t.thread_id IS NOT NULL AS thread_found, t."values" AS thread_values,
+       t.checkpoint_id AS thread_checkpoint_id
+FROM r LEFT JOIN t ON true
 """
-_BUSY = """
-UPDATE threads SET status = 'busy', updated_at = $3
-WHERE tenant_id = $1 AND thread_id = $2
-RETURNING thread_id
-"""
-_ACTIVE_RUNS = "SELECT run_id FROM runs WHERE thread_id = $1 AND status IN ('pending', 'running')"
-_INTERRUPT = "UPDATE runs SET status = 'interrupted', updated_at = $2 WHERE run_id = ANY($1)"
-_INSERT_RUN = """
-INSERT INTO runs (run_id, tenant_id, thread_id, assistant_id, status, metadata, kwargs,
-                  multitask_strategy, state, error, attempts, created_at, updated_at)
-VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, NULL, NULL, 0, $8, $8)
-"""
+_QUEUE = "SELECT nimbus_queue_run($1, $2, $3, $4, $5, $6, $7, $8)"  # migration 0002
+BUSY_STATE = "NB409"  # the SQLSTATE nimbus_queue_run raises for a busy thread (reject)
 
 
 def dsn(url: str) -> str:
@@ -100,10 +97,19 @@ class PgHotPath:
         found = await self.pool.fetchrow(_ASSISTANT, tenant_id, assistant_id)
         return None if found is None else dict(found)
 
-    async def claim(self, run_id: str) -> dict[str, Any] | None:
-        """Mark an active run running (one more attempt) and return it; None if not active."""
+    async def claim(self, run_id: str) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+        """See :meth:`nimbus.store.runs.RunStore.claim`."""
         found = await self.pool.fetchrow(_CLAIM, run_id, now())
-        return None if found is None else dict(found)
+        if found is None:
+            return None
+        run = dict(found)
+        thread_found = run.pop("thread_found")
+        thread = {
+            "thread_id": run["thread_id"],
+            "values": run.pop("thread_values"),
+            "checkpoint_id": run.pop("thread_checkpoint_id"),
+        }
+        return run, thread if thread_found else None
 
     async def queue_run(
         self,
@@ -116,21 +122,10 @@ class PgHotPath:
     ) -> dict[str, Any] | None:
         """Queue a run on an existing thread (see :meth:`RunStore.create`); None when the
         tenant has no such thread."""
-        stamp = now()
-        async with self.pool.acquire() as conn, conn.transaction():
-            if await conn.fetchval(_BUSY, tenant_id, thread_id, stamp) is None:
-                return None
-            active = [r["run_id"] for r in await conn.fetch(_ACTIVE_RUNS, thread_id)]
-            if active:
-                if multitask_strategy == "reject":
-                    raise ThreadBusy(thread_id)  # the transaction rolls back
-                if multitask_strategy in ("interrupt", "rollback"):
-                    await conn.execute(_INTERRUPT, active, stamp)
-                else:
-                    active = []  # enqueued behind them
-            run_id = new_id()
-            await conn.execute(
-                _INSERT_RUN,
+        stamp, run_id = now(), new_id()
+        try:
+            active = await self.pool.fetchval(
+                _QUEUE,
                 run_id,
                 tenant_id,
                 thread_id,
@@ -140,6 +135,12 @@ class PgHotPath:
                 multitask_strategy,
                 stamp,
             )
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate == BUSY_STATE:
+                raise ThreadBusy(thread_id) from None
+            raise
+        if active is None:
+            return None
         run: dict[str, Any] = {
             "run_id": run_id,
             "tenant_id": tenant_id,

@@ -239,14 +239,30 @@ class RunStore:
             )
         return -1 if found is None else int(found)
 
-    async def mark_running(self, run_id: str) -> dict[str, Any] | None:
-        """Claim a pending (or resumed) run: status running, one more attempt. Returns the run,
-        or None when it is no longer active (cancelled or finished meanwhile)."""
+    async def claim(self, run_id: str) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+        """Claim a pending (or resumed) run for execution: the run becomes running with one
+        more attempt, its thread busy (again: a run that ended meanwhile may have set it
+        idle). Returns the run and its thread (None if the thread was deleted), or None when
+        the run is no longer active (cancelled or finished meanwhile)."""
         if self.fast is not None:
             return await self.fast.claim(run_id)
-        async with self.auto.begin() as conn:
-            claimed = await conn.execute(_CLAIM, {"b_run_id": run_id, "b_stamp": now()})
-            return row(claimed.mappings().first())
+        stamp = now()
+        async with self.engine.begin() as conn:
+            claimed = row(
+                (await conn.execute(_CLAIM, {"b_run_id": run_id, "b_stamp": stamp}))
+                .mappings()
+                .first()
+            )
+            if claimed is None:
+                return None
+            params = {
+                "b_tenant_id": claimed["tenant_id"],
+                "b_thread_id": claimed["thread_id"],
+                "b_stamp": stamp,
+            }
+            await conn.execute(_BUSY, params)
+            thread = await ThreadStore.get_in(conn, claimed["tenant_id"], claimed["thread_id"])
+        return claimed, thread
 
     @staticmethod
     async def update_in(conn: AsyncConnection, run_id: str, **values: Any) -> None:

@@ -95,6 +95,15 @@ async def test_wait_join_and_conversation_continues(server: LiveServer) -> None:
         None, assistant["assistant_id"], input={"messages": [{"role": "user", "content": "hi"}]}
     )
     assert stateless["messages"][-1]["content"] == "The result is 42."
+    streamed = [
+        p
+        async for p in client.runs.stream(
+            None, assistant["assistant_id"], input={"messages": [{"role": "user", "content": "hi"}]}
+        )
+    ]
+    assert streamed[-1].data["messages"][-1]["content"] == "The result is 42."
+    # stateless runs leave no thread behind (on_completion="delete", the default)
+    assert [t["thread_id"] for t in await client.threads.search(limit=100)] == [thread["thread_id"]]
 
 
 async def test_assistant_lifecycle(server: LiveServer) -> None:

@@ -151,6 +151,7 @@ def _sse(
     cancel_on_disconnect: bool,
     resumable: bool = True,
     fresh: bool = False,
+    stateless: bool = False,
 ) -> StreamingResponse:
     async def body() -> AsyncIterator[bytes]:
         finished = False
@@ -158,6 +159,8 @@ def _sse(
             async for frame in events(svc, run["run_id"], modes, after, fresh):
                 yield frame
             finished = True
+            if stateless and not resumable:  # nobody can come back for it: clean up now
+                await _finish_stateless(svc, run)
         finally:
             if not finished and cancel_on_disconnect:
                 # The client is gone and this task is being cancelled: without the shield the
@@ -392,6 +395,7 @@ async def stream_stateless_run(body: RunCreate, svc: Svc, caller: Caller) -> Str
         body.on_disconnect == "cancel",
         body.stream_resumable,
         fresh=True,
+        stateless=True,
     )
 
 

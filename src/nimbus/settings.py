@@ -50,6 +50,12 @@ class Settings(BaseSettings):
         default="sqlite:///.nimbus/nimbus.db",
         description="sqlite:///path.db (default) or postgresql://user@host:5432/db.",
     )
+    database_pool_size: int = Field(
+        default=20,
+        ge=1,
+        le=1000,
+        description="PostgreSQL connections per pool (SQLAlchemy's and the hot path's).",
+    )
     admin_key: SecretStr | None = Field(
         default=None, description="Bootstraps an admin API key for tenant `default` at start."
     )

@@ -140,7 +140,7 @@ def create_app(settings: Settings | None = None, *, workers: bool = True) -> Fas
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        db = await Database.open(settings.database_url)
+        db = await Database.open(settings.database_url, pool_size=settings.database_pool_size)
         if settings.admin_key is not None:
             await db.keys.ensure(
                 settings.admin_key.get_secret_value(), OPERATOR_TENANT, "admin", "NIMBUS_ADMIN_KEY"

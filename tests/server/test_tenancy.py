@@ -184,6 +184,43 @@ async def test_other_tenants_ids_answer_404_like_missing_ids(world: World) -> No
     assert (await world.b.get(f"/threads/{world.b_ids['bt']}/runs")).json() == []
 
 
+async def test_ids_are_per_tenant_another_tenants_id_is_free(world: World) -> None:
+    """Creating with another tenant's id works exactly as with an unused id: B gets its own
+    thread and assistant under A's ids, runs on them, and neither tenant sees the other's."""
+    t, a = world.ids["t"], world.ids["a"]
+    made = await world.b.post("/threads", json={"thread_id": t, "metadata": {"owner": "b"}})
+    assert made.status_code == 200, made.text
+    assert made.json()["thread_id"] == t and made.json()["values"] == {}
+    mine = await world.b.post(
+        "/assistants", json={"assistant_id": a, "graph_id": "agent", "config": CALC, "name": "b"}
+    )
+    assert mine.status_code == 200, mine.text
+    assert mine.json()["version"] == 1
+    again = await world.b.post("/threads", json={"thread_id": t})
+    assert again.status_code == 409  # now it is B's own id: taken
+    run = await world.b.post(f"/threads/{t}/runs/wait", json={"assistant_id": a, "input": ASK})
+    assert run.status_code == 200, run.text
+    assert run.json()["messages"][-1]["content"] == "The result is 42."
+    patched = await world.b.patch(f"/assistants/{a}", json={"metadata": {"v": 2}})
+    assert patched.json()["version"] == 2
+    # B's thread has B's one run and B's messages; A's thread is as A left it
+    assert len((await world.b.get(f"/threads/{t}/runs")).json()) == 1
+    assert (await world.b.get(f"/threads/{t}")).json()["metadata"] == {"owner": "b"}
+    assert (await world.a.get(f"/threads/{t}")).json()["metadata"] == {"owner": "a"}
+    assert len((await world.a.get(f"/threads/{t}/runs")).json()) == 1
+    a_state = (await world.a.get(f"/threads/{t}/state")).json()
+    b_state = (await world.b.get(f"/threads/{t}/state")).json()
+    assert len(a_state["values"]["messages"]) == len(b_state["values"]["messages"]) == 4
+    assert a_state["checkpoint"]["checkpoint_id"] != b_state["checkpoint"]["checkpoint_id"]
+    assert (await world.a.get(f"/assistants/{a}")).json()["version"] == 1
+    versions = await world.a.post(f"/assistants/{a}/versions", json={})
+    assert [v["version"] for v in versions.json()] == [1]
+    # deleting B's thread leaves A's
+    assert (await world.b.delete(f"/threads/{t}")).status_code == 204
+    assert (await world.a.get(f"/threads/{t}")).status_code == 200
+    assert len((await world.a.get(f"/threads/{t}/history")).json()) >= 3
+
+
 async def test_search_count_and_store_are_per_tenant(world: World) -> None:
     a, b, ids = world.a, world.b, world.ids
     assert [x["assistant_id"] for x in (await b.post("/assistants/search", json={})).json()] == [

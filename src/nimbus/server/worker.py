@@ -43,7 +43,7 @@ class WorkerPool:
         self._workers: list[asyncio.Task[None]] = []
         self._done: dict[str, Completion] = {}
         self._given: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
-        self._thread_locks: dict[str, asyncio.Lock] = {}
+        self._thread_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._accepting = False
 
     async def start(self) -> None:
@@ -104,13 +104,14 @@ class WorkerPool:
             if run is None:
                 return
             # Runs of one thread go one at a time, in the order they were queued (enqueue).
-            lock = self._thread_locks.setdefault(run["thread_id"], asyncio.Lock())
+            key = (run["tenant_id"], run["thread_id"])  # thread ids are per tenant
+            lock = self._thread_locks.setdefault(key, asyncio.Lock())
             try:
                 async with lock:
                     outcome = await self._attempt(run_id, given[1] if given else None)
             finally:
                 if not lock.locked() and not getattr(lock, "_waiters", None):
-                    self._thread_locks.pop(run["thread_id"], None)
+                    self._thread_locks.pop(key, None)
         except asyncio.CancelledError:
             await self._interrupted(run_id)
         except Exception:
@@ -155,7 +156,7 @@ class WorkerPool:
 
         async with self.db.engine.begin() as conn:
             await RunStore.update_in(conn, run["run_id"], status="error", error=message)
-            await ThreadStore.set_status(conn, run["thread_id"], "error")
+            await ThreadStore.set_status(conn, run["tenant_id"], run["thread_id"], "error")
 
     async def _interrupted(self, run_id: str) -> None:
         from nimbus.store.runs import RunStore
@@ -168,8 +169,9 @@ class WorkerPool:
             return
         async with self.db.engine.begin() as conn:
             await RunStore.update_in(conn, run_id, status="interrupted")
-            if not await RunStore.has_other_active(conn, run["thread_id"], run_id):
-                await ThreadStore.set_status(conn, run["thread_id"], "interrupted")
+            tenant, thread = run["tenant_id"], run["thread_id"]
+            if not await RunStore.has_other_active(conn, tenant, thread, run_id):
+                await ThreadStore.set_status(conn, tenant, thread, "interrupted")
 
     async def _crashed(self, run_id: str) -> None:
         run = await self.db.runs.get_any(run_id)

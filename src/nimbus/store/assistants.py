@@ -92,22 +92,25 @@ class AssistantStore:
     ) -> tuple[dict[str, Any], bool]:
         """Create an assistant (version 1); returns it and whether it was created.
 
-        With ``if_exists="do_nothing"`` an existing id of the same tenant is returned as is.
-        An id taken by another tenant reads as a conflict, without saying whose it is.
+        With ``if_exists="do_nothing"`` an existing id is returned as is. Ids are per tenant:
+        another tenant's assistant of the same id is not seen here.
         """
         assistant_id = assistant_id or new_id()
         async with self.engine.begin() as conn:
             existing = (
                 (
                     await conn.execute(
-                        select(assistants).where(assistants.c.assistant_id == assistant_id)
+                        select(assistants).where(
+                            assistants.c.tenant_id == tenant_id,
+                            assistants.c.assistant_id == assistant_id,
+                        )
                     )
                 )
                 .mappings()
                 .first()
             )
             if existing is not None:
-                if existing["tenant_id"] == tenant_id and if_exists == "do_nothing":
+                if if_exists == "do_nothing":
                     return row(existing) or {}, False
                 return {}, False
             stamp = now()
@@ -157,7 +160,8 @@ class AssistantStore:
                 return None
             latest = await conn.scalar(
                 select(func.max(assistant_versions.c.version)).where(
-                    assistant_versions.c.assistant_id == assistant_id
+                    assistant_versions.c.tenant_id == tenant_id,
+                    assistant_versions.c.assistant_id == assistant_id,
                 )
             )
             updated = dict(current)
@@ -169,7 +173,9 @@ class AssistantStore:
             updated["updated_at"] = now()
             await conn.execute(
                 update(assistants)
-                .where(assistants.c.assistant_id == assistant_id)
+                .where(
+                    assistants.c.tenant_id == tenant_id, assistants.c.assistant_id == assistant_id
+                )
                 .values(**{k: updated[k] for k in (*VERSIONED, "version", "updated_at")})
             )
             await conn.execute(
@@ -206,7 +212,9 @@ class AssistantStore:
             stamp = now()
             await conn.execute(
                 update(assistants)
-                .where(assistants.c.assistant_id == assistant_id)
+                .where(
+                    assistants.c.tenant_id == tenant_id, assistants.c.assistant_id == assistant_id
+                )
                 .values(version=version, updated_at=stamp, **{k: found[k] for k in VERSIONED})
             )
         return await self.get(tenant_id, assistant_id)

@@ -28,7 +28,11 @@ _BUSY = (
     .values(status="busy", updated_at=bindparam("b_stamp"))
     .returning(threads.c.thread_id)
 )
-_ACTIVE_RUNS = select(runs.c.run_id).where(runs.c.thread_id == bindparam("b_thread_id"), _IS_ACTIVE)
+_ACTIVE_RUNS = select(runs.c.run_id).where(
+    runs.c.tenant_id == bindparam("b_tenant_id"),
+    runs.c.thread_id == bindparam("b_thread_id"),
+    _IS_ACTIVE,
+)
 _CLAIM = (
     update(runs)
     .where(runs.c.run_id == bindparam("b_run_id"), _IS_ACTIVE)
@@ -87,7 +91,9 @@ class RunStore:
                     _BUSY, {"b_tenant_id": tenant_id, "b_thread_id": thread_id, "b_stamp": now()}
                 )
                 if locked.first() is not None:
-                    found = await conn.execute(_ACTIVE_RUNS, {"b_thread_id": thread_id})
+                    found = await conn.execute(
+                        _ACTIVE_RUNS, {"b_tenant_id": tenant_id, "b_thread_id": thread_id}
+                    )
                     active = list(found.scalars())
                 elif if_not_exists != "create":
                     return None
@@ -220,12 +226,17 @@ class RunStore:
         return await conn.scalar(select(runs.c.status).where(runs.c.run_id == run_id))
 
     @staticmethod
-    async def has_other_active(conn: AsyncConnection, thread_id: str, run_id: str) -> bool:
+    async def has_other_active(
+        conn: AsyncConnection, tenant_id: str, thread_id: str, run_id: str
+    ) -> bool:
         """Whether the thread has an active run besides ``run_id``."""
         found = await conn.scalar(
             select(runs.c.run_id)
             .where(
-                runs.c.thread_id == thread_id, runs.c.run_id != run_id, runs.c.status.in_(ACTIVE)
+                runs.c.tenant_id == tenant_id,
+                runs.c.thread_id == thread_id,
+                runs.c.run_id != run_id,
+                runs.c.status.in_(ACTIVE),
             )
             .limit(1)
         )

@@ -10,6 +10,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
@@ -42,7 +43,7 @@ api_keys = Table(
 assistants = Table(
     "assistants",
     metadata,
-    Column("assistant_id", Id, primary_key=True),
+    Column("assistant_id", Id, nullable=False),
     Column("tenant_id", Id, nullable=False),
     Column("graph_id", String(200), nullable=False),
     Column("name", String(200), nullable=False),
@@ -53,14 +54,15 @@ assistants = Table(
     Column("version", Integer, nullable=False),
     _ts("created_at"),
     _ts("updated_at"),
+    PrimaryKeyConstraint("tenant_id", "assistant_id"),  # ids are per tenant
     Index("ix_assistants_tenant_created", "tenant_id", "created_at"),
 )
 
 assistant_versions = Table(
     "assistant_versions",
     metadata,
-    Column("assistant_id", Id, primary_key=True),
-    Column("version", Integer, primary_key=True),
+    Column("assistant_id", Id, nullable=False),
+    Column("version", Integer, nullable=False),
     Column("tenant_id", Id, nullable=False, index=True),
     Column("graph_id", String(200), nullable=False),
     Column("name", String(200), nullable=False),
@@ -69,12 +71,13 @@ assistant_versions = Table(
     Column("context", Json, nullable=False),
     Column("metadata", Json, nullable=False),
     _ts("created_at"),
+    PrimaryKeyConstraint("tenant_id", "assistant_id", "version"),
 )
 
 threads = Table(
     "threads",
     metadata,
-    Column("thread_id", Id, primary_key=True),
+    Column("thread_id", Id, nullable=False),
     Column("tenant_id", Id, nullable=False),
     Column("status", String(16), nullable=False),
     Column("metadata", Json, nullable=False),
@@ -83,6 +86,7 @@ threads = Table(
     _ts("created_at"),
     _ts("updated_at"),
     Index("ix_threads_tenant_created", "tenant_id", "created_at"),
+    PrimaryKeyConstraint("tenant_id", "thread_id"),  # ids are per tenant
 )
 
 checkpoints = Table(

@@ -53,8 +53,9 @@ class ThreadStore:
     ) -> tuple[dict[str, Any], bool]:
         """Create a thread; returns it and whether it was created.
 
-        An existing id (of this tenant with ``if_exists="do_nothing"``) is returned as is;
-        an id held by another tenant returns ``({}, False)``.
+        An existing id is returned as is with ``if_exists="do_nothing"``, else as
+        ``({}, False)``. Ids are per tenant: another tenant's thread of the same id is not
+        seen here.
         """
         async with self.engine.begin() as conn:
             return await self.create_in(
@@ -74,7 +75,13 @@ class ThreadStore:
         """:meth:`create` inside an open transaction."""
         thread_id = thread_id or new_id()
         existing = (
-            (await conn.execute(select(threads).where(threads.c.thread_id == thread_id)))
+            (
+                await conn.execute(
+                    select(threads).where(
+                        threads.c.tenant_id == tenant_id, threads.c.thread_id == thread_id
+                    )
+                )
+            )
             .mappings()
             .first()
         )
@@ -108,7 +115,7 @@ class ThreadStore:
             stamp = now()
             await conn.execute(
                 update(threads)
-                .where(threads.c.thread_id == thread_id)
+                .where(threads.c.tenant_id == tenant_id, threads.c.thread_id == thread_id)
                 .values(metadata=merged, updated_at=stamp)
             )
         return {**current, "metadata": merged, "updated_at": stamp}
@@ -123,10 +130,15 @@ class ThreadStore:
             )
             if not result.rowcount:
                 return False
-            await conn.execute(delete(checkpoints).where(checkpoints.c.thread_id == thread_id))
-            run_ids = select(runs.c.run_id).where(runs.c.thread_id == thread_id)
+            await conn.execute(
+                delete(checkpoints).where(
+                    checkpoints.c.tenant_id == tenant_id, checkpoints.c.thread_id == thread_id
+                )
+            )
+            of_thread = (runs.c.tenant_id == tenant_id, runs.c.thread_id == thread_id)
+            run_ids = select(runs.c.run_id).where(*of_thread)
             await conn.execute(delete(run_events).where(run_events.c.run_id.in_(run_ids)))
-            await conn.execute(delete(runs).where(runs.c.thread_id == thread_id))
+            await conn.execute(delete(runs).where(*of_thread))
         return True
 
     @staticmethod
@@ -196,7 +208,10 @@ class ThreadStore:
                 (
                     await conn.execute(
                         select(checkpoints)
-                        .where(checkpoints.c.thread_id == thread_id)
+                        .where(
+                            checkpoints.c.tenant_id == tenant_id,
+                            checkpoints.c.thread_id == thread_id,
+                        )
                         .order_by(checkpoints.c.created_at)
                     )
                 )
@@ -238,7 +253,9 @@ class ThreadStore:
         checkpoint when the caller knows it (else it is read here)."""
         if parent_id is False:
             parent_id = await conn.scalar(
-                select(threads.c.checkpoint_id).where(threads.c.thread_id == thread_id)
+                select(threads.c.checkpoint_id).where(
+                    threads.c.tenant_id == tenant_id, threads.c.thread_id == thread_id
+                )
             )
         checkpoint_id = new_id()
         stamp = now()
@@ -264,7 +281,9 @@ class ThreadStore:
         if status is not None:
             changes["status"] = status
         await conn.execute(
-            update(threads).where(threads.c.thread_id == thread_id).values(**changes)
+            update(threads)
+            .where(threads.c.tenant_id == tenant_id, threads.c.thread_id == thread_id)
+            .values(**changes)
         )
         return checkpoint_id
 
@@ -309,10 +328,12 @@ class ThreadStore:
             return await match.page(conn, query, limit, 0)
 
     @staticmethod
-    async def set_status(conn: AsyncConnection, thread_id: str, status: Any) -> None:
+    async def set_status(
+        conn: AsyncConnection, tenant_id: str, thread_id: str, status: Any
+    ) -> None:
         """Set a thread's status (idle / busy / interrupted / error)."""
         await conn.execute(
             update(threads)
-            .where(threads.c.thread_id == thread_id)
+            .where(threads.c.tenant_id == tenant_id, threads.c.thread_id == thread_id)
             .values(status=status, updated_at=now())
         )

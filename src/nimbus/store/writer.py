@@ -37,7 +37,10 @@ _SET_STATE = (
 )
 _SET_VALUES = (
     update(threads)
-    .where(threads.c.thread_id == bindparam("b_thread_id"))
+    .where(
+        threads.c.tenant_id == bindparam("b_tenant_id"),
+        threads.c.thread_id == bindparam("b_thread_id"),
+    )
     .values(
         values=bindparam("b_values", type_=_JSON),
         checkpoint_id=bindparam("b_checkpoint_id"),
@@ -49,6 +52,7 @@ _SET_VALUES = (
 _OTHER_ACTIVE = (
     select(runs.c.run_id)
     .where(
+        runs.c.tenant_id == bindparam("b_tenant_id"),
         runs.c.thread_id == bindparam("b_thread_id"),
         runs.c.run_id != bindparam("b_run_id"),
         or_(runs.c.status == "pending", runs.c.status == "running"),
@@ -57,7 +61,10 @@ _OTHER_ACTIVE = (
 )
 _END_THREAD = (
     update(threads)
-    .where(threads.c.thread_id == bindparam("b_thread_id"))
+    .where(
+        threads.c.tenant_id == bindparam("b_tenant_id"),
+        threads.c.thread_id == bindparam("b_thread_id"),
+    )
     .values(
         status=case((_OTHER_ACTIVE, "busy"), else_=bindparam("b_status")),
         updated_at=bindparam("b_stamp"),
@@ -190,12 +197,13 @@ t AS (
         status = CASE
             WHEN s.end_thread_status IS NULL THEN threads.status
             WHEN EXISTS (
-                SELECT 1 FROM runs o WHERE o.thread_id = s.thread_id
+                SELECT 1 FROM runs o
+                WHERE o.tenant_id = s.tenant_id AND o.thread_id = s.thread_id
                 AND o.run_id <> s.run_id AND o.status IN ('pending', 'running')
             ) THEN 'busy'
             ELSE s.end_thread_status END,
         updated_at = $13
-    FROM s WHERE threads.thread_id = s.thread_id
+    FROM s WHERE threads.tenant_id = s.tenant_id AND threads.thread_id = s.thread_id
 ),
 c AS (
     INSERT INTO checkpoints (checkpoint_id, tenant_id, thread_id, parent_id, run_id, step,
@@ -224,7 +232,7 @@ RETURNING runs.run_id, runs.status
 
 async def write_steps_pg(pg: asyncpg.Pool, steps: list[StepWrite]) -> list[str | None]:
     """Write ``steps`` in one statement (atomic on its own)."""
-    given, steps = steps, sorted(steps, key=lambda s: s.thread_id)  # one lock order
+    given, steps = steps, sorted(steps, key=lambda s: (s.tenant_id, s.thread_id))  # lock order
     ends = [s.end or (None, None, None) for s in steps]
     events = [(s, e) for s in steps for e in s.events]
     rows = await pg.fetch(
@@ -258,7 +266,7 @@ def write_steps(conn: Connection, steps: list[StepWrite]) -> list[str | None]:
     in thread order, as run creation does."""
     stamp = now()
     results: list[str | None] = [None] * len(steps)
-    order = sorted(range(len(steps)), key=lambda i: steps[i].thread_id)  # one lock order
+    order = sorted(range(len(steps)), key=lambda i: (steps[i].tenant_id, steps[i].thread_id))
     steps = [steps[i] for i in order]
     with_values = [s for s in steps if s.values is not None and s.end is None]
     if with_values:
@@ -266,6 +274,7 @@ def write_steps(conn: Connection, steps: list[StepWrite]) -> list[str | None]:
             _SET_VALUES,
             [
                 {
+                    "b_tenant_id": s.tenant_id,
                     "b_thread_id": s.thread_id,
                     "b_values": s.values,
                     "b_checkpoint_id": s.checkpoint_id,
@@ -277,6 +286,7 @@ def write_steps(conn: Connection, steps: list[StepWrite]) -> list[str | None]:
     for s in steps:
         if s.end is not None:
             params = {
+                "b_tenant_id": s.tenant_id,
                 "b_thread_id": s.thread_id,
                 "b_run_id": s.run_id,
                 "b_status": s.end[2],

@@ -32,7 +32,9 @@ BEGIN
         RETURN NULL;
     END IF;
     SELECT coalesce(array_agg(run_id), '{}') INTO active
-    FROM runs WHERE thread_id = p_thread_id AND status IN ('pending', 'running');
+    FROM runs
+    WHERE tenant_id = p_tenant_id AND thread_id = p_thread_id
+        AND status IN ('pending', 'running');
     IF cardinality(active) > 0 THEN
         IF p_strategy = 'reject' THEN
             RAISE EXCEPTION 'thread % is busy', p_thread_id USING ERRCODE = 'NB409';

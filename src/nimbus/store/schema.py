@@ -20,6 +20,9 @@ from sqlalchemy.dialects.postgresql import JSONB
 metadata = MetaData()
 
 Json = JSON().with_variant(JSONB(), "postgresql")
+# JSON that is written and read whole, never searched: PostgreSQL's `json` keeps the text as is,
+# which costs it much less than parsing it into `jsonb` (run states, events, checkpoints).
+JsonText = JSON()
 Id = String(64)
 
 
@@ -98,9 +101,9 @@ checkpoints = Table(
     Column("parent_id", Id, nullable=True),
     Column("run_id", Id, nullable=True),
     Column("step", Integer, nullable=False),
-    Column("values", Json, nullable=False),
+    Column("values", JsonText, nullable=False),
     Column("metadata", Json, nullable=False),
-    Column("next", Json, nullable=False),
+    Column("next", JsonText, nullable=False),
     _ts("created_at"),
     Index("ix_checkpoints_thread", "tenant_id", "thread_id", "created_at"),
 )
@@ -114,9 +117,9 @@ runs = Table(
     Column("assistant_id", Id, nullable=False),
     Column("status", String(16), nullable=False),
     Column("metadata", Json, nullable=False),
-    Column("kwargs", Json, nullable=False),
+    Column("kwargs", JsonText, nullable=False),
     Column("multitask_strategy", String(16), nullable=False),
-    Column("state", Json, nullable=True),
+    Column("state", JsonText, nullable=True),
     Column("error", Text, nullable=True),
     Column("attempts", Integer, nullable=False, default=0),
     _ts("created_at"),
@@ -135,7 +138,7 @@ run_events = Table(
     Column("tenant_id", Id, nullable=False),
     Column("seq", Integer, nullable=False),
     Column("event", String(64), nullable=False),
-    Column("data", Json, nullable=False),
+    Column("data", JsonText, nullable=False),
     Index("ix_run_events_run_seq", "run_id", "seq", unique=True),
 )
 

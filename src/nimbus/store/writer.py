@@ -180,9 +180,8 @@ class StepWriter:
 # dimension). Data-modifying CTEs all see the snapshot taken before the statement.
 _PG_STEPS = """
 WITH s AS (
-    SELECT run_id, thread_id, tenant_id, state::jsonb AS state, vals::jsonb AS vals,
-           checkpoint_id, parent_id, step, next::jsonb AS next, end_status, end_error,
-           end_thread_status
+    SELECT run_id, thread_id, tenant_id, state::json AS state, vals, checkpoint_id,
+           parent_id, step, next::json AS next, end_status, end_error, end_thread_status
     FROM unnest(
         $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
         $8::int[], $9::text[], $10::text[], $11::text[], $12::text[]
@@ -191,7 +190,7 @@ WITH s AS (
 ),
 t AS (
     UPDATE threads SET
-        "values" = COALESCE(s.vals, threads."values"),
+        "values" = COALESCE(s.vals::jsonb, threads."values"),
         checkpoint_id = CASE WHEN s.vals IS NULL THEN threads.checkpoint_id
                              ELSE s.checkpoint_id END,
         status = CASE
@@ -208,13 +207,14 @@ t AS (
 c AS (
     INSERT INTO checkpoints (checkpoint_id, tenant_id, thread_id, parent_id, run_id, step,
                              "values", metadata, next, created_at)
-    SELECT s.checkpoint_id, s.tenant_id, s.thread_id, s.parent_id, s.run_id, s.step, s.vals,
+    SELECT s.checkpoint_id, s.tenant_id, s.thread_id, s.parent_id, s.run_id, s.step,
+           s.vals::json,
            jsonb_build_object('run_id', s.run_id, 'step', s.step, 'source', 'loop'), s.next, $13
     FROM s WHERE s.vals IS NOT NULL
 ),
 e AS (
     INSERT INTO run_events (run_id, tenant_id, seq, event, data)
-    SELECT run_id, tenant_id, seq, event, data::jsonb
+    SELECT run_id, tenant_id, seq, event, data::json
     FROM unnest($14::text[], $15::text[], $16::int[], $17::text[], $18::text[])
         AS v(run_id, tenant_id, seq, event, data)
 )

@@ -3,6 +3,7 @@ opens the database, applies migrations, bootstraps the admin key and runs the wo
 
 from __future__ import annotations
 
+import gc
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -30,6 +31,7 @@ from nimbus.tools.builtin import builtin_tools
 
 log = structlog.get_logger("nimbus.server")
 JSON_METHODS = {b"POST", b"PUT", b"PATCH", b"DELETE"}
+GC_YOUNG_THRESHOLD = 10_000  # allocations between young collections (Python's default: 700)
 
 
 def _problem(status: int, message: str) -> list[Message]:
@@ -134,6 +136,16 @@ class _TooLarge(HTTPException):
     body parsing lets it through to the error handlers (a 413, not a 400)."""
 
 
+def _tune_gc() -> None:
+    """What is loaded by now (modules, the app, the stores) lives as long as the process:
+    freeze it out of the cyclic garbage collector, whose full passes otherwise rescan it all
+    (measured: a fifth of the server's CPU under load), and let young objects accumulate
+    longer between collections (a request allocates thousands, nearly all freed at once)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
+
+
 def create_app(settings: Settings | None = None, *, workers: bool = True) -> FastAPI:
     """The Nimbus ASGI app for ``settings``."""
     settings = settings or Settings()
@@ -151,6 +163,7 @@ def create_app(settings: Settings | None = None, *, workers: bool = True) -> Fas
         app.state.services = Services(settings, db, broker, agents, pool)
         if workers:
             await pool.start()
+        _tune_gc()
         log.info("server.started", version=__version__)
         try:
             yield

@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, or_, select, update
+from sqlalchemy import Connection, bindparam, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from nimbus.store.common import JsonMatch, ThreadBusy, new_id, now, row
 from nimbus.store.db import autocommit
 from nimbus.store.pg import PgHotPath
 from nimbus.store.schema import run_events, runs, threads
-from nimbus.store.threads import ThreadStore
+from nimbus.store.threads import create_thread, get_thread
 
 ACTIVE = ("pending", "running")
 FINAL = ("success", "error", "timeout", "interrupted")
@@ -40,6 +40,81 @@ _CLAIM = (
     .returning(*runs.c)
 )
 _INSERT = runs.insert()
+
+
+def _queue(
+    conn: Connection,
+    tenant_id: str,
+    thread_id: str | None,
+    assistant_id: str,
+    kwargs: dict[str, Any],
+    metadata: dict[str, Any],
+    multitask_strategy: str,
+    if_not_exists: str,
+    temporary: bool,
+) -> dict[str, Any] | None:
+    """:meth:`RunStore.create` inside a transaction (synchronous, for ``run_sync``: one
+    greenlet for the whole transaction)."""
+    active: list[str] = []
+    if thread_id is None:
+        thread, _ = create_thread(
+            conn, tenant_id, None, {"temporary": True} if temporary else {}, status="busy"
+        )
+        thread_id = thread["thread_id"]
+    else:
+        # Marking the thread busy also locks its row until the run is queued.
+        params = {"b_tenant_id": tenant_id, "b_thread_id": thread_id, "b_stamp": now()}
+        if conn.execute(_BUSY, params).first() is not None:
+            found = conn.execute(_ACTIVE_RUNS, {"b_tenant_id": tenant_id, "b_thread_id": thread_id})
+            active = list(found.scalars())
+        elif if_not_exists != "create":
+            return None
+        else:
+            _, created = create_thread(conn, tenant_id, thread_id, {}, status="busy")
+            if not created:
+                return None
+    if active:
+        if multitask_strategy == "reject":
+            raise ThreadBusy(thread_id)  # the transaction rolls back: status unchanged
+        if multitask_strategy in ("interrupt", "rollback"):
+            conn.execute(
+                update(runs)
+                .where(runs.c.run_id.in_(active))
+                .values(status="interrupted", updated_at=now())
+            )
+        else:
+            active = []  # enqueued behind them
+    stamp = now()
+    values: dict[str, Any] = {
+        "run_id": new_id(),
+        "tenant_id": tenant_id,
+        "thread_id": thread_id,
+        "assistant_id": assistant_id,
+        "status": "pending",
+        "metadata": metadata,
+        "kwargs": kwargs,
+        "multitask_strategy": multitask_strategy,
+        "state": None,
+        "error": None,
+        "attempts": 0,
+        "created_at": stamp,
+        "updated_at": stamp,
+    }
+    conn.execute(_INSERT, values)
+    if active:
+        values["interrupted_runs"] = active
+    return values
+
+
+def _claim(conn: Connection, run_id: str) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+    """:meth:`RunStore.claim` inside a transaction (synchronous, for ``run_sync``)."""
+    stamp = now()
+    claimed = row(conn.execute(_CLAIM, {"b_run_id": run_id, "b_stamp": stamp}).mappings().first())
+    if claimed is None:
+        return None
+    tenant_id, thread_id = claimed["tenant_id"], claimed["thread_id"]
+    conn.execute(_BUSY, {"b_tenant_id": tenant_id, "b_thread_id": thread_id, "b_stamp": stamp})
+    return claimed, get_thread(conn, tenant_id, thread_id)
 
 
 class RunStore:
@@ -75,65 +150,17 @@ class RunStore:
             if queued is not None:
                 return queued  # else no such thread: the general path below decides
         async with self.engine.begin() as conn:
-            active: list[str] = []
-            if thread_id is None:
-                thread, _ = await ThreadStore.create_in(
-                    conn,
-                    tenant_id,
-                    thread_id=None,
-                    metadata={"temporary": True} if temporary else {},
-                    status="busy",
-                )
-                thread_id = thread["thread_id"]
-            else:
-                # Marking the thread busy also locks its row until the run is queued.
-                locked = await conn.execute(
-                    _BUSY, {"b_tenant_id": tenant_id, "b_thread_id": thread_id, "b_stamp": now()}
-                )
-                if locked.first() is not None:
-                    found = await conn.execute(
-                        _ACTIVE_RUNS, {"b_tenant_id": tenant_id, "b_thread_id": thread_id}
-                    )
-                    active = list(found.scalars())
-                elif if_not_exists != "create":
-                    return None
-                else:
-                    _, created = await ThreadStore.create_in(
-                        conn, tenant_id, thread_id=thread_id, metadata={}, status="busy"
-                    )
-                    if not created:
-                        return None
-            if active:
-                if multitask_strategy == "reject":
-                    raise ThreadBusy(thread_id)  # the transaction rolls back: status unchanged
-                if multitask_strategy in ("interrupt", "rollback"):
-                    await conn.execute(
-                        update(runs)
-                        .where(runs.c.run_id.in_(active))
-                        .values(status="interrupted", updated_at=now())
-                    )
-                else:
-                    active = []  # enqueued behind them
-            stamp = now()
-            values = {
-                "run_id": new_id(),
-                "tenant_id": tenant_id,
-                "thread_id": thread_id,
-                "assistant_id": assistant_id,
-                "status": "pending",
-                "metadata": metadata,
-                "kwargs": kwargs,
-                "multitask_strategy": multitask_strategy,
-                "state": None,
-                "error": None,
-                "attempts": 0,
-                "created_at": stamp,
-                "updated_at": stamp,
-            }
-            await conn.execute(_INSERT, values)
-        if active:
-            return {**values, "interrupted_runs": active}
-        return values
+            return await conn.run_sync(
+                _queue,
+                tenant_id,
+                thread_id,
+                assistant_id,
+                kwargs,
+                metadata,
+                multitask_strategy,
+                if_not_exists,
+                temporary,
+            )
 
     async def get(
         self, tenant_id: str, run_id: str, thread_id: str | None = None
@@ -257,23 +284,8 @@ class RunStore:
         the run is no longer active (cancelled or finished meanwhile)."""
         if self.fast is not None:
             return await self.fast.claim(run_id)
-        stamp = now()
         async with self.engine.begin() as conn:
-            claimed = row(
-                (await conn.execute(_CLAIM, {"b_run_id": run_id, "b_stamp": stamp}))
-                .mappings()
-                .first()
-            )
-            if claimed is None:
-                return None
-            params = {
-                "b_tenant_id": claimed["tenant_id"],
-                "b_thread_id": claimed["thread_id"],
-                "b_stamp": stamp,
-            }
-            await conn.execute(_BUSY, params)
-            thread = await ThreadStore.get_in(conn, claimed["tenant_id"], claimed["thread_id"])
-        return claimed, thread
+            return await conn.run_sync(_claim, run_id)
 
     @staticmethod
     async def update_in(conn: AsyncConnection, run_id: str, **values: Any) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from sqlalchemy import Select, bindparam, delete, select, update
+from sqlalchemy import Connection, Select, bindparam, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from nimbus.store.common import JsonMatch, new_id, now, row
@@ -16,8 +16,43 @@ from nimbus.store.schema import checkpoints, run_events, runs, threads
 _GET = select(threads).where(
     threads.c.tenant_id == bindparam("tenant_id"), threads.c.thread_id == bindparam("thread_id")
 )
+_INSERT = threads.insert()
 SORTABLE = {"thread_id", "status", "created_at", "updated_at"}
 STATUSES = {"idle", "busy", "interrupted", "error"}
+
+
+def get_thread(conn: Connection, tenant_id: str, thread_id: str) -> dict[str, Any] | None:
+    """One thread of the tenant, or None (synchronous, for ``run_sync``)."""
+    found = conn.execute(_GET, {"tenant_id": tenant_id, "thread_id": thread_id})
+    return row(found.mappings().first())
+
+
+def create_thread(
+    conn: Connection,
+    tenant_id: str,
+    thread_id: str | None,
+    metadata: dict[str, Any],
+    if_exists: str = "raise",
+    status: str = "idle",
+) -> tuple[dict[str, Any], bool]:
+    """Create a thread (synchronous, for ``run_sync``); see :meth:`ThreadStore.create`."""
+    thread_id = thread_id or new_id()
+    existing = get_thread(conn, tenant_id, thread_id)
+    if existing is not None:
+        return (existing, False) if if_exists == "do_nothing" else ({}, False)
+    stamp = now()
+    values = {
+        "thread_id": thread_id,
+        "tenant_id": tenant_id,
+        "status": status,
+        "metadata": metadata,
+        "values": {},
+        "checkpoint_id": None,
+        "created_at": stamp,
+        "updated_at": stamp,
+    }
+    conn.execute(_INSERT, values)
+    return values, True
 
 
 class ThreadStore:
@@ -73,35 +108,7 @@ class ThreadStore:
         status: str = "idle",
     ) -> tuple[dict[str, Any], bool]:
         """:meth:`create` inside an open transaction."""
-        thread_id = thread_id or new_id()
-        existing = (
-            (
-                await conn.execute(
-                    select(threads).where(
-                        threads.c.tenant_id == tenant_id, threads.c.thread_id == thread_id
-                    )
-                )
-            )
-            .mappings()
-            .first()
-        )
-        if existing is not None:
-            if existing["tenant_id"] == tenant_id and if_exists == "do_nothing":
-                return row(existing) or {}, False
-            return {}, False
-        stamp = now()
-        values = {
-            "thread_id": thread_id,
-            "tenant_id": tenant_id,
-            "status": status,
-            "metadata": metadata,
-            "values": {},
-            "checkpoint_id": None,
-            "created_at": stamp,
-            "updated_at": stamp,
-        }
-        await conn.execute(threads.insert().values(**values))
-        return values, True
+        return await conn.run_sync(create_thread, tenant_id, thread_id, metadata, if_exists, status)
 
     async def patch(
         self, tenant_id: str, thread_id: str, metadata: dict[str, Any]

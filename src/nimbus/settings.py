@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     workers: int = Field(
         default=256, ge=1, description="Runs executed at once by the in-process pool."
     )
+    sse_heartbeat_s: float = Field(
+        default=15.0,
+        ge=0,
+        description="Seconds of silence after which a run's event stream sends a heartbeat "
+        "comment (0: never).",
+    )
     shutdown_grace_s: float = Field(
         default=10.0, ge=0, description="Time running steps get at shutdown."
     )

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from pathlib import Path
 
 import httpx
 import pytest
 from langgraph_sdk import get_client
 from langgraph_sdk.errors import ConflictError, NotFoundError
 
-from tests.server.conftest import LiveServer
+from nimbus.testing.fake_openai import FakeOpenAIServer
+from tests.server.conftest import LiveServer, live_server
 
 CALC = {
     "configurable": {
@@ -259,3 +261,35 @@ async def test_many_concurrent_runs_all_succeed_with_their_history(server: LiveS
         runs = await client.runs.list(thread["thread_id"])
         assert [r["status"] for r in runs] == ["success"]
         assert (await client.threads.get(thread["thread_id"]))["status"] == "idle"
+
+
+async def test_quiet_streams_get_heartbeats_that_clients_skip(
+    database_url: str, tmp_path: Path
+) -> None:
+    async with (
+        FakeOpenAIServer(tool_arguments='{"expression": "6 * 7"}', latency=0.6) as fake,
+        live_server(database_url, fake, tmp_path, NIMBUS_SSE_HEARTBEAT_S="0.2") as live,
+    ):
+        client = get_client(url=live.url, api_key=live.admin_key)
+        assistant = await client.assistants.create(graph_id="agent", config=CALC)
+        thread = await client.threads.create()
+        body = {
+            "assistant_id": assistant["assistant_id"],
+            "input": {"messages": [{"role": "user", "content": "6*7"}]},
+        }
+        async with httpx.AsyncClient(
+            base_url=live.url, headers={"x-api-key": live.admin_key}, timeout=30
+        ) as http:
+            raw = await http.post(f"/threads/{thread['thread_id']}/runs/stream", json=body)
+        # two model calls of 0.6 s each: several heartbeats while waiting on the model
+        assert raw.text.count(": heartbeat\n\n") >= 4
+        assert raw.text.startswith("event: metadata")
+        parts = [
+            p
+            async for p in client.runs.stream(
+                thread["thread_id"], assistant["assistant_id"], input=body["input"]
+            )
+        ]
+        assert parts[0].event == "metadata"
+        assert all(p.event in ("metadata", "values") for p in parts)  # heartbeats skipped
+        assert parts[-1].data["messages"][-1]["content"] == "The result is 42."

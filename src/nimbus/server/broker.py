@@ -50,8 +50,11 @@ class RunBroker:
         """Whether ``run_id`` is running in this process."""
         return run_id in self._channels
 
-    async def subscribe(self, run_id: str, after: int = -1) -> AsyncIterator[StreamEvent]:
-        """Events of a live run with ``seq > after``: the past ones, then as they come."""
+    async def subscribe(
+        self, run_id: str, after: int = -1, idle_s: float | None = None
+    ) -> AsyncIterator[StreamEvent | None]:
+        """Events of a live run with ``seq > after``: the past ones, then as they come; with
+        ``idle_s``, ``None`` after each ``idle_s`` seconds without one (for heartbeats)."""
         channel = self._channels.get(run_id)
         if channel is None:
             return
@@ -62,7 +65,15 @@ class RunBroker:
             for event in backlog:
                 yield event
             last = backlog[-1][0] if backlog else after
-            while (live := await queue.get()) is not None:
+            while True:
+                try:
+                    async with asyncio.timeout(idle_s):
+                        live = await queue.get()
+                except TimeoutError:
+                    yield None
+                    continue
+                if live is None:
+                    return
                 if live[0] > last:
                     last = live[0]
                     yield live

@@ -129,9 +129,10 @@ async def _run_events(svc: Services, run_id: str) -> AsyncIterator[StreamEvent]:
         last = event[0]
         yield event
     if svc.broker.is_live(run_id):
-        async for event in svc.broker.subscribe(run_id, last):
-            last = event[0]
-            yield event
+        async for live in svc.broker.subscribe(run_id, last):
+            if live is not None:  # None only comes with an idle timeout, not asked for here
+                last = live[0]
+                yield live
     for event in await svc.db.runs.events(run_id, last):
         yield event
 

@@ -35,6 +35,7 @@ FIELDS = (
     "kwargs",
 )
 MAX_ID = 64  # the width of the id columns
+HEARTBEAT = b": heartbeat\n\n"  # an SSE comment: clients skip it
 RunStatus = Literal["pending", "running", "error", "success", "timeout", "interrupted"]
 MODE_OF_EVENT = {
     "values": "values",
@@ -125,7 +126,12 @@ async def events(
             if frame := _frame(seq, name, data, modes):
                 yield frame
     if svc.broker.is_live(run_id):
-        async for seq, name, data in svc.broker.subscribe(run_id, last):
+        idle_s = svc.settings.sse_heartbeat_s or None
+        async for event in svc.broker.subscribe(run_id, last, idle_s):
+            if event is None:  # quiet for a while: keep proxies and clients from timing out
+                yield HEARTBEAT
+                continue
+            seq, name, data = event
             last = seq
             if frame := _frame(seq, name, data, modes):
                 yield frame

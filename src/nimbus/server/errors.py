@@ -13,7 +13,7 @@ from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nimbus.exceptions import ConfigError, UserError
-from nimbus.store.common import ThreadBusy
+from nimbus.store.common import IdempotencyConflict, ThreadBusy
 
 log = structlog.get_logger("nimbus.server")
 
@@ -69,6 +69,13 @@ def install(app: FastAPI) -> None:
             _body(exc.status_code, str(exc.detail)),
             exc.status_code,
             headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(IdempotencyConflict)
+    async def reused_key(_: Request, exc: IdempotencyConflict) -> JSONResponse:
+        return JSONResponse(
+            _body(409, f"Idempotency-Key {exc.args[0]!r} was used before with another request"),
+            status_code=409,
         )
 
     @app.exception_handler(ThreadBusy)

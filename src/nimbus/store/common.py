@@ -21,6 +21,10 @@ class ThreadBusy(Exception):
     """A run was refused because the thread already has an active run."""
 
 
+class IdempotencyConflict(Exception):
+    """An Idempotency-Key was used before with another request."""
+
+
 def now() -> datetime:
     """The current time, timezone-aware UTC."""
     return datetime.now(UTC)

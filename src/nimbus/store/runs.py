@@ -6,12 +6,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from nimbus.store.common import JsonMatch, ThreadBusy, new_id, now, row
+from nimbus.store.common import IdempotencyConflict, JsonMatch, ThreadBusy, new_id, now, row
 from nimbus.store.db import autocommit
 from nimbus.store.pg import PgHotPath
-from nimbus.store.schema import run_events, runs, threads
+from nimbus.store.schema import idempotency_keys, run_events, runs, threads
 from nimbus.store.threads import create_thread, get_thread
 
 ACTIVE = ("pending", "running")
@@ -52,9 +54,15 @@ def _queue(
     multitask_strategy: str,
     if_not_exists: str,
     temporary: bool,
+    idempotency: tuple[str, str] | None = None,
 ) -> dict[str, Any] | None:
     """:meth:`RunStore.create` inside a transaction (synchronous, for ``run_sync``: one
     greenlet for the whole transaction)."""
+    run_id = new_id()
+    if idempotency is not None:
+        replayed = _claim_key(conn, tenant_id, *idempotency, run_id)
+        if replayed is not None:
+            return replayed
     active: list[str] = []
     if thread_id is None:
         thread, _ = create_thread(
@@ -86,7 +94,7 @@ def _queue(
             active = []  # enqueued behind them
     stamp = now()
     values: dict[str, Any] = {
-        "run_id": new_id(),
+        "run_id": run_id,
         "tenant_id": tenant_id,
         "thread_id": thread_id,
         "assistant_id": assistant_id,
@@ -104,6 +112,34 @@ def _queue(
     if active:
         values["interrupted_runs"] = active
     return values
+
+
+def _claim_key(
+    conn: Connection, tenant_id: str, key: str, request_hash: str, run_id: str
+) -> dict[str, Any] | None:
+    """Take an Idempotency-Key for ``run_id``; if the tenant used it before for the same
+    request, return that run (marked ``replayed``) instead. The key's row is written first:
+    of concurrent requests with one key, the others wait for the first to commit."""
+    table = idempotency_keys
+    insert = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(table)
+    stamp = now()
+    taken = conn.execute(
+        insert.values(
+            tenant_id=tenant_id, key=key, request_hash=request_hash, run_id=run_id, created_at=stamp
+        ).on_conflict_do_nothing()
+    )
+    if taken.rowcount:
+        return None
+    of_key = (table.c.tenant_id == tenant_id, table.c.key == key)
+    earlier = conn.execute(select(table.c.request_hash, table.c.run_id).where(*of_key)).one()
+    if earlier.request_hash != request_hash:
+        raise IdempotencyConflict(key)
+    run = row(conn.execute(select(runs).where(runs.c.run_id == earlier.run_id)).mappings().first())
+    if run is not None:
+        return {**run, "replayed": True}
+    # its run was deleted since: the key is free again
+    conn.execute(update(table).where(*of_key).values(run_id=run_id, created_at=stamp))
+    return None
 
 
 def _claim(conn: Connection, run_id: str) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
@@ -136,14 +172,19 @@ class RunStore:
         multitask_strategy: str,
         if_not_exists: str = "reject",
         temporary: bool = False,
+        idempotency: tuple[str, str] | None = None,
     ) -> dict[str, Any] | None:
         """Queue a run. Returns None if the thread does not exist (and may not be created).
 
         Raises :class:`ThreadBusy` when the thread has an active run and the strategy is
         ``reject``. With ``interrupt``/``rollback`` the active runs are marked for
         interruption (the worker sees the status change and stops).
+
+        ``idempotency`` is ``(key, request hash)``: the same key with the same request returns
+        the run made the first time (with ``replayed: True``); with another request it raises
+        :class:`IdempotencyConflict`.
         """
-        if self.fast is not None and thread_id is not None:
+        if self.fast is not None and thread_id is not None and idempotency is None:
             queued = await self.fast.queue_run(
                 tenant_id, thread_id, assistant_id, kwargs, metadata, multitask_strategy
             )
@@ -160,6 +201,7 @@ class RunStore:
                 multitask_strategy,
                 if_not_exists,
                 temporary,
+                idempotency,
             )
 
     async def get(

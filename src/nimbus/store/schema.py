@@ -142,6 +142,16 @@ run_events = Table(
     Index("ix_run_events_run_seq", "run_id", "seq", unique=True),
 )
 
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("tenant_id", Id, primary_key=True),
+    Column("key", String(200), primary_key=True),
+    Column("request_hash", String(64), nullable=False),
+    Column("run_id", Id, nullable=False),
+    _ts("created_at"),
+)
+
 store_items = Table(
     "store_items",
     metadata,

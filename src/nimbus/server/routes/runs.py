@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
@@ -35,6 +37,15 @@ FIELDS = (
     "kwargs",
 )
 MAX_ID = 64  # the width of the id columns
+IdemKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=200,
+        description="The same key with the same request returns the same run (per tenant).",
+    ),
+]
 HEARTBEAT = b": heartbeat\n\n"  # an SSE comment: clients skip it
 RunStatus = Literal["pending", "running", "error", "success", "timeout", "interrupted"]
 MODE_OF_EVENT = {
@@ -61,14 +72,22 @@ def run_path(run: dict[str, Any], stateless: bool) -> str:
     return f"/threads/{run['thread_id']}/runs/{run['run_id']}"
 
 
+def request_hash(thread_id: str | None, body: RunCreate) -> str:
+    """What an Idempotency-Key stands for: the thread and the whole request body."""
+    request = {"thread_id": thread_id, "body": body.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+
+
 async def create_run(
     svc: Services,
     caller: Principal,
     thread_id: str | None,
     body: RunCreate,
     default_modes: Any = None,
+    idempotency_key: str | None = None,
 ) -> dict[str, Any]:
-    """Validate and queue a run; the worker pool picks it up."""
+    """Validate and queue a run; the worker pool picks it up. With an ``idempotency_key``
+    used before for the same request, the run made then (``replayed``), queued once."""
     if thread_id is not None and len(thread_id) > MAX_ID:  # no such thread can be stored
         if body.if_not_exists == "create":
             raise APIError(422, f"thread_id longer than {MAX_ID} characters")
@@ -102,9 +121,12 @@ async def create_run(
         multitask_strategy=body.multitask_strategy,
         if_not_exists=body.if_not_exists,
         temporary=thread_id is None,
+        idempotency=((idempotency_key, request_hash(thread_id, body)) if idempotency_key else None),
     )
     if run is None:
         raise not_found("thread", thread_id or "")
+    if run.get("replayed"):
+        return run
     for interrupted in run.pop("interrupted_runs", ()):
         svc.pool.cancel(interrupted)
     svc.pool.submit(run["run_id"], run, assistant)
@@ -247,20 +269,25 @@ async def _finish_stateless(svc: Services, run: dict[str, Any]) -> None:
 
 @router.post("/threads/{thread_id}/runs")
 async def create_thread_run(
-    thread_id: str, body: RunCreate, svc: Svc, caller: Caller, response: Response
+    thread_id: str,
+    body: RunCreate,
+    svc: Svc,
+    caller: Caller,
+    response: Response,
+    idempotency_key: IdemKey = None,
 ) -> dict[str, Any]:
     """Start a run in the background."""
-    run = await create_run(svc, caller, thread_id, body)
+    run = await create_run(svc, caller, thread_id, body, idempotency_key=idempotency_key)
     response.headers["Content-Location"] = run_path(run, False)
     return public(run)
 
 
 @router.post("/threads/{thread_id}/runs/stream")
 async def stream_thread_run(
-    thread_id: str, body: RunCreate, svc: Svc, caller: Caller
+    thread_id: str, body: RunCreate, svc: Svc, caller: Caller, idempotency_key: IdemKey = None
 ) -> StreamingResponse:
     """Start a run and stream its events (SSE)."""
-    run = await create_run(svc, caller, thread_id, body)
+    run = await create_run(svc, caller, thread_id, body, idempotency_key=idempotency_key)
     return _sse(
         svc,
         run,
@@ -269,7 +296,7 @@ async def stream_thread_run(
         run_path(run, False),
         body.on_disconnect == "cancel",
         body.stream_resumable,
-        fresh=True,
+        fresh=not run.get("replayed"),
     )
 
 
@@ -279,10 +306,15 @@ def _asked(body: RunCreate) -> set[str]:
 
 @router.post("/threads/{thread_id}/runs/wait")
 async def wait_thread_run(
-    thread_id: str, body: RunCreate, svc: Svc, caller: Caller, response: Response
+    thread_id: str,
+    body: RunCreate,
+    svc: Svc,
+    caller: Caller,
+    response: Response,
+    idempotency_key: IdemKey = None,
 ) -> dict[str, Any]:
     """Start a run and return the thread's values when it ends."""
-    run = await create_run(svc, caller, thread_id, body)
+    run = await create_run(svc, caller, thread_id, body, idempotency_key=idempotency_key)
     response.headers["Content-Location"] = run_path(run, False)
     response.headers["Location"] = run_path(run, False) + "/join"
     return await _final_values(svc, run)
@@ -380,18 +412,24 @@ async def join_run_stream(
 
 @router.post("/runs")
 async def create_stateless_run(
-    body: RunCreate, svc: Svc, caller: Caller, response: Response
+    body: RunCreate,
+    svc: Svc,
+    caller: Caller,
+    response: Response,
+    idempotency_key: IdemKey = None,
 ) -> dict[str, Any]:
     """Start a run on a temporary thread."""
-    run = await create_run(svc, caller, None, body)
+    run = await create_run(svc, caller, None, body, idempotency_key=idempotency_key)
     response.headers["Content-Location"] = run_path(run, True)
     return public(run)
 
 
 @router.post("/runs/stream")
-async def stream_stateless_run(body: RunCreate, svc: Svc, caller: Caller) -> StreamingResponse:
+async def stream_stateless_run(
+    body: RunCreate, svc: Svc, caller: Caller, idempotency_key: IdemKey = None
+) -> StreamingResponse:
     """Run on a temporary thread and stream its events."""
-    run = await create_run(svc, caller, None, body)
+    run = await create_run(svc, caller, None, body, idempotency_key=idempotency_key)
     return _sse(
         svc,
         run,
@@ -400,17 +438,21 @@ async def stream_stateless_run(body: RunCreate, svc: Svc, caller: Caller) -> Str
         f"/threads/{run['thread_id']}/runs/{run['run_id']}",
         body.on_disconnect == "cancel",
         body.stream_resumable,
-        fresh=True,
+        fresh=not run.get("replayed"),
         stateless=True,
     )
 
 
 @router.post("/runs/wait")
 async def wait_stateless_run(
-    body: RunCreate, svc: Svc, caller: Caller, response: Response
+    body: RunCreate,
+    svc: Svc,
+    caller: Caller,
+    response: Response,
+    idempotency_key: IdemKey = None,
 ) -> dict[str, Any]:
     """Run on a temporary thread and return its final values."""
-    run = await create_run(svc, caller, None, body)
+    run = await create_run(svc, caller, None, body, idempotency_key=idempotency_key)
     response.headers["Content-Location"] = run_path(run, True)
     values = await _final_values(svc, run)
     await _finish_stateless(svc, run)

@@ -48,51 +48,62 @@ def pg_bin(name: str) -> str:
     return found
 
 
-@contextlib.contextmanager
-def throwaway_cluster() -> Iterator[str]:
-    """A PostgreSQL cluster in a temp dir on a free port (as pytest-postgresql does)."""
-    base = Path(tempfile.mkdtemp(prefix="nimbus-pg-"))
-    data, port = base / "data", free_port()
-    user_args: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses to run as root: use the postgres account
-        shutil.chown(base, "postgres")
-        user_args = ["runuser", "-u", "postgres", "--"]
-    subprocess.run(
-        [
-            *user_args,
-            pg_bin("initdb"),
-            "-D",
-            str(data),
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(
-        [
-            *user_args,
-            pg_bin("pg_ctl"),
-            "-D",
-            str(data),
-            "-w",
-            "-l",
-            str(base / "log"),
-            "-o",
-            f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off",
-            "start",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    finally:
+class Cluster:
+    """A PostgreSQL cluster in a temp dir on a free port (as pytest-postgresql does), which a
+    test can stop and start again."""
+
+    def __init__(self) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix="nimbus-pg-"))
+        self.data, self.port = self.base / "data", free_port()
+        self.user_args: list[str] = []
+        if os.geteuid() == 0:  # initdb refuses to run as root: use the postgres account
+            shutil.chown(self.base, "postgres")
+            self.user_args = ["runuser", "-u", "postgres", "--"]
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
         subprocess.run(
-            [*user_args, pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+            [
+                *self.user_args,
+                pg_bin("initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+            ],
+            check=True,
             capture_output=True,
         )
-        shutil.rmtree(base, ignore_errors=True)
+
+    def _ctl(self, *args: str, check: bool = True) -> None:
+        subprocess.run(
+            [*self.user_args, pg_bin("pg_ctl"), "-D", str(self.data), *args],
+            check=check,
+            capture_output=True,
+        )
+
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        options = f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._ctl("-w", "-l", str(self.base / "log"), "-o", options, "start")
+
+    def stop(self, mode: str = "immediate") -> None:
+        """Stop the server (``immediate``: like a crash, no shutdown checkpoint)."""
+        self._ctl("-m", mode, "stop", check=False)
+
+    def remove(self) -> None:
+        """Stop the server and delete the cluster."""
+        self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def throwaway_cluster() -> Iterator[str]:
+    """A started :class:`Cluster`'s URL, removed at exit."""
+    cluster = Cluster()
+    try:
+        cluster.start()
+        yield cluster.url
+    finally:
+        cluster.remove()

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 from typing import Any
 
+import asyncpg
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nimbus.exceptions import ConfigError, UserError
 from nimbus.store.common import IdempotencyConflict, ThreadBusy
+from nimbus.store.db import unavailable
 
 log = structlog.get_logger("nimbus.server")
+
+
+RETRY_AFTER_S = 5  # what a 503 asks clients to wait while the database is unavailable
 
 
 class APIError(Exception):
@@ -101,6 +106,22 @@ def install(app: FastAPI) -> None:
         # but the driver's message quotes SQL, so it is logged and not sent.
         log.warning("request.data_error", error=type(exc.orig).__name__)
         return JSONResponse(_body(422, "a value in the request is out of range or malformed"), 422)
+
+    # Database errors are handled here, not left to the catch-all below (which Starlette
+    # re-raises, closing the connection): unavailable → 503 with Retry-After, else 500.
+    async def database_error(_: Request, exc: Exception) -> JSONResponse:
+        if unavailable(exc):
+            log.warning("request.database_unavailable", error=type(exc).__name__)
+            return JSONResponse(
+                _body(503, "the database is unavailable; retry later"),
+                503,
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        log.error("request.failed", exc_info=exc)
+        return JSONResponse(_body(500, "internal server error (see the server logs)"), 500)
+
+    for kind in (DBAPIError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+        app.add_exception_handler(kind, database_error)
 
     @app.exception_handler(Exception)
     async def internal(_: Request, exc: Exception) -> JSONResponse:

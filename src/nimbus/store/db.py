@@ -6,15 +6,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from nimbus.exceptions import ConfigError
@@ -41,6 +43,36 @@ def async_url(url: str) -> str:
             f"unsupported database {backend!r} in URL; use sqlite:// or postgresql://"
         )
     return parsed.render_as_string(hide_password=False)
+
+
+# Network errors of a database connection that is refused, reset or unreachable.
+_NETWORK_ERRNOS = {
+    errno.ECONNREFUSED,
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.ETIMEDOUT,
+    errno.EPIPE,
+}
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database cannot be reached (down, restarting, connection
+    lost) rather than that a statement or a request was wrong: a 503, not a 500."""
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError):
+            return True
+        return exc.orig is not None and unavailable(exc.orig)
+    state = getattr(exc, "sqlstate", None)  # asyncpg's errors from PostgreSQL
+    if isinstance(state, str):
+        # class 08: connection exception; 57P01-57P03: shutting down, cannot connect now
+        return state.startswith("08") or state in ("57P01", "57P02", "57P03")
+    if isinstance(exc, ConnectionError | asyncpg.InterfaceError):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in _NETWORK_ERRNOS or "Connect call failed" in str(exc)
+    return False
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

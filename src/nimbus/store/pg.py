@@ -73,7 +73,7 @@ class PgHotPath:
         """A pool of up to ``size`` connections to ``url``."""
         pool = await asyncpg.create_pool(
             dsn(url),
-            min_size=1,
+            min_size=0,  # no background reconnecting (and logging) while the server is down
             max_size=size,
             init=_setup,
             max_inactive_connection_lifetime=300,

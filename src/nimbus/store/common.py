@@ -35,6 +35,34 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
+def pending_run(
+    run_id: str,
+    tenant_id: str,
+    thread_id: str,
+    assistant_id: str,
+    kwargs: dict[str, Any],
+    metadata: dict[str, Any],
+    multitask_strategy: str,
+    stamp: datetime,
+) -> dict[str, Any]:
+    """The row of a newly queued run."""
+    return {
+        "run_id": run_id,
+        "tenant_id": tenant_id,
+        "thread_id": thread_id,
+        "assistant_id": assistant_id,
+        "status": "pending",
+        "metadata": metadata,
+        "kwargs": kwargs,
+        "multitask_strategy": multitask_strategy,
+        "state": None,
+        "error": None,
+        "attempts": 0,
+        "created_at": stamp,
+        "updated_at": stamp,
+    }
+
+
 def row(mapping: RowMapping | None) -> dict[str, Any] | None:
     """A row as a plain dict with timestamps made timezone-aware."""
     if mapping is None:

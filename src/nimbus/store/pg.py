@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from nimbus.store.common import ThreadBusy, new_id, now
+from nimbus.store.common import ThreadBusy, new_id, now, pending_run
 
 _THREAD = "SELECT * FROM threads WHERE tenant_id = $1 AND thread_id = $2"
 _ASSISTANT = "SELECT * FROM assistants WHERE tenant_id = $1 AND assistant_id = $2"
@@ -141,21 +141,9 @@ class PgHotPath:
             raise
         if active is None:
             return None
-        run: dict[str, Any] = {
-            "run_id": run_id,
-            "tenant_id": tenant_id,
-            "thread_id": thread_id,
-            "assistant_id": assistant_id,
-            "status": "pending",
-            "metadata": metadata,
-            "kwargs": kwargs,
-            "multitask_strategy": multitask_strategy,
-            "state": None,
-            "error": None,
-            "attempts": 0,
-            "created_at": stamp,
-            "updated_at": stamp,
-        }
+        run = pending_run(
+            run_id, tenant_id, thread_id, assistant_id, kwargs, metadata, multitask_strategy, stamp
+        )
         if active:
             run["interrupted_runs"] = active
         return run

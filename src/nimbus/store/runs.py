@@ -10,7 +10,15 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from nimbus.store.common import IdempotencyConflict, JsonMatch, ThreadBusy, new_id, now, row
+from nimbus.store.common import (
+    IdempotencyConflict,
+    JsonMatch,
+    ThreadBusy,
+    new_id,
+    now,
+    pending_run,
+    row,
+)
 from nimbus.store.db import autocommit
 from nimbus.store.pg import PgHotPath
 from nimbus.store.schema import idempotency_keys, run_events, runs, threads
@@ -92,22 +100,9 @@ def _queue(
             )
         else:
             active = []  # enqueued behind them
-    stamp = now()
-    values: dict[str, Any] = {
-        "run_id": run_id,
-        "tenant_id": tenant_id,
-        "thread_id": thread_id,
-        "assistant_id": assistant_id,
-        "status": "pending",
-        "metadata": metadata,
-        "kwargs": kwargs,
-        "multitask_strategy": multitask_strategy,
-        "state": None,
-        "error": None,
-        "attempts": 0,
-        "created_at": stamp,
-        "updated_at": stamp,
-    }
+    values = pending_run(
+        run_id, tenant_id, thread_id, assistant_id, kwargs, metadata, multitask_strategy, now()
+    )
     conn.execute(_INSERT, values)
     if active:
         values["interrupted_runs"] = active

@@ -264,6 +264,40 @@ async def _finish_stateless(svc: Services, run: dict[str, Any]) -> None:
         await svc.db.threads.delete(run["tenant_id"], run["thread_id"])
 
 
+async def _start(
+    svc: Services,
+    caller: Principal,
+    thread_id: str | None,
+    body: RunCreate,
+    idempotency_key: str | None,
+    response: Response,
+) -> dict[str, Any]:
+    run = await create_run(svc, caller, thread_id, body, idempotency_key=idempotency_key)
+    response.headers["Content-Location"] = run_path(run, thread_id is None)
+    return public(run)
+
+
+async def _start_streamed(
+    svc: Services,
+    caller: Principal,
+    thread_id: str | None,
+    body: RunCreate,
+    idempotency_key: str | None,
+) -> StreamingResponse:
+    run = await create_run(svc, caller, thread_id, body, idempotency_key=idempotency_key)
+    return _sse(
+        svc,
+        run,
+        stream_modes(run["kwargs"]) - ({"values"} - _asked(body)),
+        -1,
+        run_path(run, False),
+        body.on_disconnect == "cancel",
+        body.stream_resumable,
+        fresh=not run.get("replayed"),
+        stateless=thread_id is None,
+    )
+
+
 # --- thread runs ---------------------------------------------------------------------
 
 
@@ -277,9 +311,7 @@ async def create_thread_run(
     idempotency_key: IdemKey = None,
 ) -> dict[str, Any]:
     """Start a run in the background."""
-    run = await create_run(svc, caller, thread_id, body, idempotency_key=idempotency_key)
-    response.headers["Content-Location"] = run_path(run, False)
-    return public(run)
+    return await _start(svc, caller, thread_id, body, idempotency_key, response)
 
 
 @router.post("/threads/{thread_id}/runs/stream")
@@ -287,17 +319,7 @@ async def stream_thread_run(
     thread_id: str, body: RunCreate, svc: Svc, caller: Caller, idempotency_key: IdemKey = None
 ) -> StreamingResponse:
     """Start a run and stream its events (SSE)."""
-    run = await create_run(svc, caller, thread_id, body, idempotency_key=idempotency_key)
-    return _sse(
-        svc,
-        run,
-        stream_modes(run["kwargs"]) - ({"values"} - _asked(body)),
-        -1,
-        run_path(run, False),
-        body.on_disconnect == "cancel",
-        body.stream_resumable,
-        fresh=not run.get("replayed"),
-    )
+    return await _start_streamed(svc, caller, thread_id, body, idempotency_key)
 
 
 def _asked(body: RunCreate) -> set[str]:
@@ -419,9 +441,7 @@ async def create_stateless_run(
     idempotency_key: IdemKey = None,
 ) -> dict[str, Any]:
     """Start a run on a temporary thread."""
-    run = await create_run(svc, caller, None, body, idempotency_key=idempotency_key)
-    response.headers["Content-Location"] = run_path(run, True)
-    return public(run)
+    return await _start(svc, caller, None, body, idempotency_key, response)
 
 
 @router.post("/runs/stream")
@@ -429,18 +449,7 @@ async def stream_stateless_run(
     body: RunCreate, svc: Svc, caller: Caller, idempotency_key: IdemKey = None
 ) -> StreamingResponse:
     """Run on a temporary thread and stream its events."""
-    run = await create_run(svc, caller, None, body, idempotency_key=idempotency_key)
-    return _sse(
-        svc,
-        run,
-        stream_modes(run["kwargs"]) - ({"values"} - _asked(body)),
-        -1,
-        f"/threads/{run['thread_id']}/runs/{run['run_id']}",
-        body.on_disconnect == "cancel",
-        body.stream_resumable,
-        fresh=not run.get("replayed"),
-        stateless=True,
-    )
+    return await _start_streamed(svc, caller, None, body, idempotency_key)
 
 
 @router.post("/runs/wait")

@@ -179,6 +179,37 @@ async def test_threads_and_store(server: LiveServer) -> None:
         await client.store.get_item(["users", "ada"], "prefs")
 
 
+async def test_interrupt_strategy_stops_the_active_run(server: LiveServer) -> None:
+    server.fake.latency = 1.0  # the first run is mid model call when the second comes
+    client = get_client(url=server.url, api_key=server.admin_key)
+    assistant = await client.assistants.create(graph_id="agent", config=CALC)
+    thread = await client.threads.create()
+    first = await client.runs.create(
+        thread["thread_id"],
+        assistant["assistant_id"],
+        input={"messages": [{"role": "user", "content": "first"}]},
+    )
+    await asyncio.sleep(0.3)
+    server.fake.latency = 0.0
+    second = await client.runs.create(
+        thread["thread_id"],
+        assistant["assistant_id"],
+        input={"messages": [{"role": "user", "content": "second"}]},
+        multitask_strategy="interrupt",
+    )
+    values = await client.runs.join(thread["thread_id"], second["run_id"])
+    assert values["messages"][-1]["content"] == "The result is 42."
+    stopped = await client.runs.get(thread["thread_id"], first["run_id"])
+    assert stopped["status"] == "interrupted"
+    finished = await client.runs.get(thread["thread_id"], second["run_id"])
+    assert finished["status"] == "success"
+    assert (await client.threads.get(thread["thread_id"]))["status"] == "idle"
+    # the interrupted run stopped at once: its model call never completed
+    human = [m["content"] for m in values["messages"] if m["type"] == "human"]
+    assert human == ["first", "second"]
+    assert [m["type"] for m in values["messages"]].count("ai") == 2  # the second run's only
+
+
 async def test_busy_thread_rejects_second_run(server: LiveServer) -> None:
     server.fake.latency = 0.5  # keep the first run busy
     client = get_client(url=server.url, api_key=server.admin_key)

@@ -3,6 +3,7 @@ event stored and published in the LangGraph stream shapes the run asked for."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -79,6 +80,7 @@ class RunCheckpoints:
             x.unsaved_final = True
             return
         await x.db.steps.write(x.step_write(state))
+        x.saved_any = True
 
     async def load(self, run_id: str) -> RunState | None:
         run = await self.x.db.runs.get_any(run_id)
@@ -121,6 +123,7 @@ class RunExecution:
         self.thread = thread
         self.parent: str | None = thread.get("checkpoint_id")  # the thread's newest checkpoint
         self.unsaved_final = False
+        self.saved_any = False  # a step of this attempt was written
         self.outcome: tuple[str, str | None, dict[str, Any]] | None = None
         self.emit = _Emitter(self.run_id, broker, last_seq)
         self.history = thread_messages(thread.get("values"))
@@ -178,6 +181,13 @@ class RunExecution:
         started = time.perf_counter()
         try:
             result = await loop.execute()
+        except asyncio.CancelledError:
+            if not saved and not self.saved_any:
+                # Cancelled before its first step was saved (a newer run interrupted it, a
+                # client cancelled it, the server is stopping): keep its input in the thread,
+                # as a checkpoint of its state so far, for the thread and for a resumed run.
+                await self.db.steps.write(self.step_write(self.state))
+            raise
         except RunFailed as exc:
             await self.finish("error", str(exc), exc.reason)
             METRICS.runs.labels("error").inc()

@@ -285,11 +285,6 @@ class RunStore:
             return await conn.scalar(select(runs.c.status).where(runs.c.run_id == run_id))
 
     @staticmethod
-    async def status_in(conn: AsyncConnection, run_id: str) -> str | None:
-        """The status of a run, inside an open transaction."""
-        return await conn.scalar(select(runs.c.status).where(runs.c.run_id == run_id))
-
-    @staticmethod
     async def has_other_active(
         conn: AsyncConnection, tenant_id: str, thread_id: str, run_id: str
     ) -> bool:

@@ -67,6 +67,18 @@ class Settings(BaseSettings):
     workers: int = Field(
         default=256, ge=1, description="Runs executed at once by the in-process pool."
     )
+    tenant_max_running: int | None = Field(
+        default=None,
+        ge=1,
+        description="Runs of one tenant executing at once (unset: up to `workers`); the "
+        "others wait their turn, and other tenants' runs go ahead of them.",
+    )
+    tenant_max_queued: int | None = Field(
+        default=None,
+        ge=1,
+        description="Runs of one tenant waiting for a slot; a run beyond that is refused "
+        "with 429 (unset: no limit).",
+    )
     sse_heartbeat_s: float = Field(
         default=15.0,
         ge=0,

@@ -159,7 +159,7 @@ def create_app(settings: Settings | None = None, *, workers: bool = True) -> Fas
             )
         broker = RunBroker()
         agents = AgentFactory(settings, builtin_tools(settings))
-        pool = WorkerPool(db, broker, agents, settings.workers)
+        pool = WorkerPool(db, broker, agents, settings.workers, settings.tenant_max_running)
         app.state.services = Services(settings, db, broker, agents, pool)
         if workers:
             await pool.start()

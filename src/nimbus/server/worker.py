@@ -1,10 +1,17 @@
 """The in-process worker pool: takes queued runs, executes them, and on start-up resumes the
-runs a previous process left queued or running (nothing is silently dropped)."""
+runs a previous process left queued or running (nothing is silently dropped).
+
+Scheduling is fair across tenants: each tenant has its own queue, and free slots go to the
+tenants in turn (round robin), so one tenant's backlog never holds back another's runs. A
+tenant may also be capped in runs executing at once (``tenant_max_running``); its other runs
+wait in its queue.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from typing import Any
 
 import structlog
@@ -31,43 +38,82 @@ class Completion:
 
 
 class WorkerPool:
-    """Up to ``concurrency`` runs at once, fed by :meth:`submit`."""
+    """Up to ``concurrency`` runs at once (``tenant_max_running`` per tenant), fed by
+    :meth:`submit`."""
 
     def __init__(
-        self, db: Database, broker: RunBroker, agents: AgentFactory, concurrency: int = 256
+        self,
+        db: Database,
+        broker: RunBroker,
+        agents: AgentFactory,
+        concurrency: int = 256,
+        tenant_max_running: int | None = None,
     ) -> None:
         self.db, self.broker, self.agents = db, broker, agents
         self.concurrency = concurrency
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self.tenant_max_running = tenant_max_running or concurrency
+        self._queues: dict[str, deque[str]] = {}  # per tenant, in submission order
+        self._turn: deque[str] = deque()  # tenants with queued runs, next one first
+        self._running: dict[str, int] = {}  # per tenant
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._workers: list[asyncio.Task[None]] = []
         self._done: dict[str, Completion] = {}
         self._given: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
         self._thread_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._accepting = False
 
     async def start(self) -> None:
-        """Start the workers and re-queue runs left unfinished by an earlier process."""
+        """Start taking runs, first those an earlier process left unfinished."""
         self._accepting = True
-        self._workers = [asyncio.create_task(self._work()) for _ in range(self.concurrency)]
         for run in await self.db.runs.unfinished():
             log.info("run.recovered", run_id=run["run_id"], status=run["status"])
-            self.submit(run["run_id"])
+            self.submit(run)
 
-    def submit(
-        self,
-        run_id: str,
-        run: dict[str, Any] | None = None,
-        assistant: dict[str, Any] | None = None,
-    ) -> None:
-        """Queue a run (already stored as pending). ``run`` and ``assistant``, the rows just
-        written and read by the request that made it, spare the worker reading them again."""
+    def submit(self, run: dict[str, Any], assistant: dict[str, Any] | None = None) -> None:
+        """Queue a run (already stored as pending). ``run`` is its row; ``assistant``, read
+        by the request that made it, spares the worker reading it again."""
+        run_id, tenant = run["run_id"], run["tenant_id"]
         self.broker.open(run_id)
         self._done.setdefault(run_id, Completion())
-        if run is not None and assistant is not None:
+        if assistant is not None:
             self._given[run_id] = (run, assistant)
-        self._queue.put_nowait(run_id)
-        METRICS.queue_depth.set(self._queue.qsize())
+        queue = self._queues.setdefault(tenant, deque())
+        if not queue:
+            self._turn.append(tenant)
+        queue.append(run_id)
+        self._dispatch()
+
+    def queued(self, tenant_id: str) -> int:
+        """How many runs of the tenant wait for a slot here."""
+        return len(self._queues.get(tenant_id, ()))
+
+    def _dispatch(self) -> None:
+        """Start queued runs while there are free slots, one tenant after another."""
+        while self._accepting and len(self._tasks) < self.concurrency:
+            for _ in range(len(self._turn)):
+                tenant = self._turn[0]
+                self._turn.rotate(-1)
+                if self._running.get(tenant, 0) < self.tenant_max_running:
+                    break
+            else:
+                break  # nobody queued, or every tenant with queued runs is at its cap
+            queue = self._queues[tenant]
+            run_id = queue.popleft()
+            if not queue:
+                del self._queues[tenant]
+                self._turn.remove(tenant)
+            self._running[tenant] = self._running.get(tenant, 0) + 1
+            self._tasks[run_id] = asyncio.create_task(self._run(run_id, tenant))
+        METRICS.queue_depth.set(sum(len(q) for q in self._queues.values()))
+
+    async def _run(self, run_id: str, tenant: str) -> None:
+        try:
+            await self._execute(run_id)
+        finally:
+            self._tasks.pop(run_id, None)
+            self._running[tenant] -= 1
+            if not self._running[tenant]:
+                del self._running[tenant]
+            self._dispatch()
 
     def done_event(self, run_id: str) -> Completion | None:
         """Set when ``run_id`` finishes in this process (None if it is not here)."""
@@ -80,20 +126,6 @@ class WorkerPool:
             return False
         task.cancel()
         return True
-
-    async def _work(self) -> None:
-        while True:
-            run_id = await self._queue.get()
-            METRICS.queue_depth.set(self._queue.qsize())
-            task = asyncio.create_task(self._execute(run_id))
-            self._tasks[run_id] = task
-            try:
-                await asyncio.shield(task)
-            except asyncio.CancelledError:
-                if not task.done():  # the worker itself is being stopped
-                    raise
-            finally:
-                self._tasks.pop(run_id, None)
 
     async def _execute(self, run_id: str) -> None:
         METRICS.running.inc()
@@ -181,9 +213,7 @@ class WorkerPool:
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop taking runs; let running ones finish within ``grace_s``, then cancel them
         (they stay queued in the database and resume at the next start)."""
-        self._accepting = False
-        for worker in self._workers:
-            worker.cancel()
+        self._accepting = False  # queued runs stay pending in the database
         running = [t for t in self._tasks.values() if not t.done()]
         if running:
             _, pending = await asyncio.wait(running, timeout=grace_s)
@@ -192,6 +222,3 @@ class WorkerPool:
             for task in pending:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        for worker in self._workers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker

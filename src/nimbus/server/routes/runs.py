@@ -98,6 +98,13 @@ async def create_run(
     if not assistant:
         raise not_found("assistant", body.assistant_id)
     input_messages(body.input)  # a malformed input is a 422 now, not a failed run later
+    cap = svc.settings.tenant_max_queued
+    if cap is not None and svc.pool.queued(caller.tenant_id) >= cap:
+        raise APIError(
+            429,
+            f"{cap} runs of this tenant are already waiting to start; retry later",
+            {"Retry-After": "1"},
+        )
     if body.config or body.context:
         svc.agents.validate(
             assistant["graph_id"],
@@ -129,7 +136,7 @@ async def create_run(
         return run
     for interrupted in run.pop("interrupted_runs", ()):
         svc.pool.cancel(interrupted)
-    svc.pool.submit(run["run_id"], run, assistant)
+    svc.pool.submit(run, assistant)
     return run
 
 

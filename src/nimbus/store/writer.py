@@ -3,10 +3,10 @@ shared transactions, a few statements each whatever the number of runs.
 
 A run's step write is its state, a checkpoint of its thread, the thread's new values (and,
 at the end, status) and the run's new events. One writer task takes whatever writes are
-waiting, writes them all in one transaction (one ``executemany`` per table) and then
-answers each caller. Under load a transaction carries many runs' steps; alone, a step is
-written at once. A batch that fails is retried one write at a time, so one bad write fails
-only its own run.
+waiting, writes them all at once (PostgreSQL: one statement; SQLite: one transaction of an
+``executemany`` per table) and then answers each caller. Under load a batch carries many
+runs' steps; alone, a step is written at once. A batch that fails is retried one write at a
+time, so one bad write fails only its own run.
 """
 
 from __future__ import annotations
@@ -29,11 +29,13 @@ from nimbus.store.schema import checkpoints, run_events, runs, threads
 log = structlog.get_logger("nimbus.store")
 MAX_BATCH = 256
 
+# SQLite's statements (PostgreSQL's are _PG_STEPS below); JSON parameters typed as their column.
 _JSON = threads.c["values"].type
+_STATE = runs.c.state.type
 _SET_STATE = (
     update(runs)
     .where(runs.c.run_id == bindparam("b_run_id"))
-    .values(state=bindparam("b_state", type_=_JSON), updated_at=bindparam("b_stamp"))
+    .values(state=bindparam("b_state", type_=_STATE), updated_at=bindparam("b_stamp"))
 )
 _SET_VALUES = (
     update(threads)
@@ -79,7 +81,7 @@ _END_RUN = (
     .values(
         status=bindparam("b_status"),
         error=bindparam("b_error"),
-        state=bindparam("b_state", type_=_JSON),
+        state=bindparam("b_state", type_=_STATE),
         updated_at=bindparam("b_stamp"),
     )
     .returning(runs.c.run_id)

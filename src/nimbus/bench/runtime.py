@@ -20,13 +20,14 @@ import os
 import resource
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import aiohttp
 import orjson
 
+from nimbus.aio import run_async
 from nimbus.core.agent import Agent, Limits
 from nimbus.core.runtime import run
 from nimbus.core.tool import Tool
@@ -251,14 +252,6 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _run_loop(coro: Coroutine[Any, Any, ModeResult]) -> ModeResult:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
 def bench_runtime(
     *,
     runs: int,
@@ -278,7 +271,7 @@ def bench_runtime(
     try:
         for c in concurrencies:
             for mode in modes:
-                result = _run_loop(
+                result = run_async(
                     measure_mode(mode, base_url, runs, c, latency_ms / 1000, proc.pid)
                 )
                 results.append(result)

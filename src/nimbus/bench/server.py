@@ -29,7 +29,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +37,7 @@ from typing import Any, Literal
 import aiohttp
 import orjson
 
+from nimbus.aio import run_async
 from nimbus.bench.processes import (
     DEFAULT_POSTGRES_URL,
     NimbusServer,
@@ -403,14 +404,6 @@ async def _measure_database(
     return results
 
 
-def _run_loop(coro: Coroutine[Any, Any, list[CellResult]]) -> list[CellResult]:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
 def bench_server(
     *,
     runs: int,
@@ -453,7 +446,7 @@ def bench_server(
                     )
                     announce(f"{database}: nimbus serve pid {server.process.pid}")
                     target = Target(database, server, proc.pid, pg_name)
-                    cells = _run_loop(
+                    cells = run_async(
                         _measure_database(
                             target,
                             runs=runs,

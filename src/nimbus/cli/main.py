@@ -7,17 +7,15 @@ Errors are one line on stderr with a non-zero exit: 2 for bad usage or configura
 from __future__ import annotations
 
 import sys
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
 
+from nimbus.aio import run_async
 from nimbus.cli.bench import bench_app
 from nimbus.cli.server import assistants_app, keys_app, serve
 from nimbus.exceptions import NimbusError, RunFailed, UserError
-
-T = TypeVar("T")
 
 app = typer.Typer(
     name="nimbus",
@@ -43,17 +41,6 @@ BaseUrlOpt = Annotated[
     str | None,
     typer.Option("--base-url", help="Base URL of the OpenAI-compatible endpoint (openai: models)."),
 ]
-
-
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine on uvloop when it is installed, else on asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
-        import asyncio
-
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 @app.command()

@@ -119,7 +119,7 @@ class _Server:
         self.server = Quiet(config)  # type: ignore[arg-type]
 
     def run(self) -> None:
-        from nimbus.cli.main import run_async
+        from nimbus.aio import run_async
 
         run_async(self.server.serve())
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from sqlalchemy import Connection, Select, bindparam, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -252,18 +252,14 @@ class ThreadStore:
         step: int,
         run_id: str | None,
         next_nodes: list[str],
-        status: Any = None,
-        parent_id: str | Literal[False] | None = False,
     ) -> str:
-        """Append a checkpoint and make it the thread's current values (and ``status``, a
-        value or a SQL expression, if given). ``parent_id`` is the thread's current
-        checkpoint when the caller knows it (else it is read here)."""
-        if parent_id is False:
-            parent_id = await conn.scalar(
-                select(threads.c.checkpoint_id).where(
-                    threads.c.tenant_id == tenant_id, threads.c.thread_id == thread_id
-                )
+        """Append a checkpoint and make it the thread's current values (run steps are written
+        by :mod:`nimbus.store.writer`; this is for state updates through the API)."""
+        parent_id = await conn.scalar(
+            select(threads.c.checkpoint_id).where(
+                threads.c.tenant_id == tenant_id, threads.c.thread_id == thread_id
             )
+        )
         checkpoint_id = new_id()
         stamp = now()
         await conn.execute(
@@ -285,8 +281,6 @@ class ThreadStore:
             "checkpoint_id": checkpoint_id,
             "updated_at": stamp,
         }
-        if status is not None:
-            changes["status"] = status
         await conn.execute(
             update(threads)
             .where(threads.c.tenant_id == tenant_id, threads.c.thread_id == thread_id)
@@ -336,7 +330,7 @@ class ThreadStore:
 
     @staticmethod
     async def set_status(
-        conn: AsyncConnection, tenant_id: str, thread_id: str, status: Any
+        conn: AsyncConnection, tenant_id: str, thread_id: str, status: str
     ) -> None:
         """Set a thread's status (idle / busy / interrupted / error)."""
         await conn.execute(

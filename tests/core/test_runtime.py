@@ -378,6 +378,34 @@ async def test_resume_after_crash_between_model_call_and_tools() -> None:
     assert result.output == "ok"
 
 
+@pytest.mark.parametrize("idempotent", [True, False])
+async def test_resume_repeats_a_tool_in_flight_only_if_it_is_idempotent(idempotent: bool) -> None:
+    store = InMemoryCheckpointStore()
+    ran: list[int] = []
+
+    def pay(amount: int) -> str:
+        """Pay an amount."""
+        ran.append(amount)
+        if len(ran) == 1:
+            raise Crash  # the worker dies while the tool runs
+        return "paid"
+
+    tools = [Tool.from_function(pay, run_in_thread=False, idempotent=idempotent)]
+    first = ScriptedModel([ask(call("1", "pay", '{"amount": 5}'))])
+    with pytest.raises(Crash):
+        await run(AGENT, "go", model=first, tools=tools, run_id="r3", checkpoints=store)
+    result = await resume(
+        AGENT, "r3", model=ScriptedModel([AssistantMessage("ok")]), checkpoints=store, tools=tools
+    )
+    ((_, outcome),) = result.tool_calls()
+    assert outcome is not None and result.output == "ok"
+    if idempotent:
+        assert ran == [5, 5] and outcome.content == "paid" and not outcome.is_error
+    else:
+        assert ran == [5]  # not run again: it may have paid already
+        assert outcome.is_error and "interrupted" in outcome.content
+
+
 async def test_resume_unknown_run() -> None:
     with pytest.raises(RunFailed, match="no checkpoint"):
         await resume(

@@ -162,6 +162,9 @@ class AgentRun:
         )
         self.model_time = 0.0
         self.tool_time = 0.0
+        # Tool calls owed when the run (re)starts may have been running when an earlier
+        # attempt stopped: a tool that is not idempotent is not called again for them.
+        self.maybe_started = {c.id for c in _pending_calls(state.messages)}
 
     async def execute(self) -> RunResult:
         """Run to a final answer; raises :class:`RunFailed` when a limit or error stops it."""
@@ -270,6 +273,14 @@ class AgentRun:
         t0 = time.perf_counter()
         if p.error is not None or p.tool is None:
             result = ToolResultMessage(p.call.id, p.call.name, p.error or "", is_error=True)
+        elif not p.tool.idempotent and p.call.id in self.maybe_started:
+            message = (
+                f"{p.call.name} was running when this run was interrupted; it is not repeated "
+                "because it may not be safe to run twice, so it may or may not have taken effect"
+            )
+            result = ToolResultMessage(
+                p.call.id, p.call.name, _error_payload("interrupted", message), True
+            )
         else:
             result = await self._invoke(p.call, p.tool, p.kwargs)
         duration = time.perf_counter() - t0

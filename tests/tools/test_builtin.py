@@ -199,3 +199,18 @@ def test_http_fetch_has_a_timeout_and_is_idempotent() -> None:
     assert fetch.is_async
     assert fetch.idempotent
     assert fetch.timeout_s is not None and fetch.timeout_s > 0
+
+
+def test_tool_modules_add_their_tools() -> None:
+    registry = builtin_tools(Settings(tool_modules=["nimbus.testing.tools"]))
+    step, payment = registry.resolve(["slow_step", "slow_payment"])
+    assert step.idempotent and not payment.idempotent
+    assert "calculator" in registry  # the built-in ones stay
+
+
+@pytest.mark.parametrize(
+    ("module", "message"), [("no.such.module", "cannot import"), ("json", "no TOOLS list")]
+)
+def test_a_bad_tool_module_is_a_clear_config_error(module: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        builtin_tools(Settings(tool_modules=[module]))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from nimbus.core.tool import Tool, ToolRegistry
-from nimbus.exceptions import ToolError
+from nimbus.exceptions import ConfigError, ToolError
 from nimbus.settings import Settings
 from nimbus.tools.calculator import CalculatorError, calculate
 from nimbus.tools.http_fetch import FetchError, FetchPolicy, fetch_url
@@ -66,14 +67,27 @@ def make_http_fetch(policy: FetchPolicy) -> Tool:
 
 
 def builtin_tools(settings: Settings | None = None) -> ToolRegistry:
-    """A registry holding every built-in tool, configured from ``settings``."""
+    """A registry holding every built-in tool, configured from ``settings``, and the tools of
+    the modules ``settings.tool_modules`` names (each module's ``TOOLS``: tools or typed
+    functions)."""
     settings = settings or Settings()
     allowed = settings.http_fetch_allowed_hosts
     policy = FetchPolicy(allowed_hosts=frozenset(allowed) if allowed else None)
-    return ToolRegistry(
+    registry = ToolRegistry(
         [
             Tool.from_function(calculator, run_in_thread=False),
             Tool.from_function(current_time, run_in_thread=False),
             make_http_fetch(policy),
         ]
     )
+    for name in settings.tool_modules or ():
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(f"NIMBUS_TOOL_MODULES: cannot import {name!r}: {exc}") from None
+        tools = getattr(module, "TOOLS", None)
+        if tools is None:
+            raise ConfigError(f"NIMBUS_TOOL_MODULES: module {name!r} has no TOOLS list")
+        for tool in tools:
+            registry.register(tool)
+    return registry

@@ -10,7 +10,8 @@ NimbusError                      base: everything below carries context, none lo
 │   ├── ModelConnectionError     the endpoint could not be reached / timed out
 │   └── ModelResponseError       the endpoint answered something we cannot parse
 ├── ToolError                    raised *by* a tool to tell the model what went wrong
-└── RunFailed                    a run ended without a final answer (limit, timeout, errors)
+├── RunFailed                    a run ended without a final answer (limit, timeout, errors)
+└── LeaseLost                    a worker's lease on a run was taken over: it may not write
 ```
 
 Signals that steer the loop (a malformed tool call, a tool that raised) never escape as
@@ -78,3 +79,13 @@ class RunFailed(NimbusError):
         self.reason = reason
         self.run_id = run_id
         self.step = step
+
+
+class LeaseLost(NimbusError):
+    """A worker's lease on a run expired or was taken over (it paused, or lost the database
+    for longer than the lease): its writes are refused, another worker resumes the run."""
+
+    def __init__(self, run_id: str, token: int) -> None:
+        super().__init__(f"lease on run {run_id} (token {token}) is no longer held")
+        self.run_id = run_id
+        self.token = token

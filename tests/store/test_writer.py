@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 import pytest
@@ -24,7 +25,7 @@ async def db(database_url: str) -> AsyncIterator[Database]:
         await database.close()
 
 
-async def _queued_run(db: Database) -> dict[str, str]:
+async def _queued_run(db: Database) -> dict[str, Any]:
     thread, _ = await db.threads.create(TENANT, thread_id=None, metadata={})
     assistant, _ = await db.assistants.create(
         TENANT,
@@ -49,7 +50,14 @@ async def _queued_run(db: Database) -> dict[str, str]:
     return {"run_id": run["run_id"], "thread_id": thread["thread_id"]}
 
 
-def _step(run: dict[str, str], n: int, **changes: object) -> StepWrite:
+async def _claim(db: Database, run: dict[str, Any]) -> None:
+    """Claim ``run`` (a lease on PostgreSQL): its steps then carry the lease's token."""
+    claimed = await db.runs.claim(run["run_id"], "test-worker", 30)
+    assert claimed is not None
+    run["lease_token"] = claimed[0]["lease_token"]
+
+
+def _step(run: dict[str, Any], n: int, **changes: object) -> StepWrite:
     write = StepWrite(
         TENANT,
         run["run_id"],
@@ -58,6 +66,7 @@ def _step(run: dict[str, str], n: int, **changes: object) -> StepWrite:
         values={"messages": [{"type": "human", "content": f"step {n}", "id": str(n)}]},
         step=n,
         next_nodes=["agent"],
+        lease_token=run.get("lease_token", 0),
         events=[(n, "values", {"n": n}), (n + 100, "messages", [{"n": n}, {"meta": True}])],
     )
     for key, value in changes.items():
@@ -98,7 +107,7 @@ async def test_a_bad_step_fails_alone(db: Database) -> None:
 
 async def test_the_end_of_a_cancelled_run_keeps_it_interrupted(db: Database) -> None:
     run = await _queued_run(db)
-    assert await db.runs.claim(run["run_id"]) is not None
+    await _claim(db, run)
     await db.runs.cancel(TENANT, run["run_id"], None, "interrupt")
     final = await db.steps.write(_step(run, 2, end=("success", None, "idle")))
     assert final == "interrupted"
@@ -122,7 +131,7 @@ async def test_the_end_of_a_run_leaves_its_thread_busy_while_another_waits(
         multitask_strategy="enqueue",
     )
     assert waiting is not None
-    assert await db.runs.claim(run["run_id"]) is not None
+    await _claim(db, run)
     final = await db.steps.write(_step(run, 1, end=("error", "boom", "error")))
     assert final == "error"
     thread = await db.threads.get(TENANT, run["thread_id"])

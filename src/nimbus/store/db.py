@@ -149,9 +149,18 @@ def _upgrade(connection: Any) -> None:
     command.upgrade(config, "head")
 
 
+MIGRATION_LOCK = 0x6E696D627573  # "nimbus": the advisory lock of migrations on PostgreSQL
+
+
 async def migrate(engine: AsyncEngine) -> None:
-    """Apply every Alembic migration that has not run yet."""
+    """Apply every Alembic migration that has not run yet. On PostgreSQL, processes starting
+    together take turns (a transaction-scoped advisory lock): the first migrates, the others
+    then find nothing to do."""
+    from sqlalchemy import text
+
     async with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
         await conn.run_sync(_upgrade)
 
 

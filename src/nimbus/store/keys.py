@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
 import time
@@ -11,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nimbus.store.db import autocommit
@@ -92,6 +94,13 @@ class KeyStore:
     async def ensure(self, key: str, tenant_id: str, scope: Scope, name: str) -> None:
         """Store ``key`` (e.g. ``NIMBUS_ADMIN_KEY``) if it is not stored yet."""
         digest = hash_key(key)
+        # IntegrityError: another process starting at the same moment stored it
+        with contextlib.suppress(IntegrityError):
+            await self._insert_once(key, digest, tenant_id, scope, name)
+
+    async def _insert_once(
+        self, key: str, digest: str, tenant_id: str, scope: Scope, name: str
+    ) -> None:
         async with self.engine.begin() as conn:
             found = await conn.scalar(
                 select(api_keys.c.key_id).where(api_keys.c.key_hash == digest)

@@ -9,6 +9,7 @@ SQLAlchemy; the tests run both paths against both databases.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import asyncpg
@@ -18,20 +19,100 @@ from nimbus.store.common import ThreadBusy, new_id, now, pending_run
 
 _THREAD = "SELECT * FROM threads WHERE tenant_id = $1 AND thread_id = $2"
 _ASSISTANT = "SELECT * FROM assistants WHERE tenant_id = $1 AND assistant_id = $2"
-_CLAIM = """
-WITH r AS (
-    UPDATE runs SET status = 'running', attempts = attempts + 1, updated_at = $2
-    WHERE run_id = $1 AND status IN ('pending', 'running')
-    RETURNING *
+# Leases (see docs/architecture.md, "Workers and leases"). Times are the database's clock, so
+# workers on machines whose clocks disagree still agree on who holds what.
+_LEASE_UNTIL = "now() + make_interval(secs => $4)"
+# A run may start when its thread has no other run in progress (one still leased, even if it
+# was interrupted, or running) and no older run waiting: runs of a thread go one at a time,
+# in order. A run whose worker's lease expired may be taken directly.
+_CLAIMABLE = """
+(p.status = 'pending'
+ OR (p.status = 'running' AND (p.lease_owner IS NULL OR p.lease_expires_at < now())))
+AND NOT EXISTS (
+    SELECT 1 FROM runs o
+    WHERE o.tenant_id = p.tenant_id AND o.thread_id = p.thread_id AND o.run_id <> p.run_id
+      AND (o.status = 'running'
+           OR (o.lease_owner IS NOT NULL AND o.lease_expires_at > now())
+           OR (o.status = 'pending' AND o.created_at < p.created_at)))
+"""
+_TAKE = f"""
+r AS (
+    UPDATE runs SET status = 'running', attempts = attempts + 1, updated_at = $2,
+        lease_owner = $3, lease_token = lease_token + 1, lease_expires_at = {_LEASE_UNTIL}
+    FROM picked WHERE runs.run_id = picked.run_id
+    RETURNING runs.*
 ), t AS (
     UPDATE threads SET status = 'busy', updated_at = $2
     FROM r WHERE threads.thread_id = r.thread_id AND threads.tenant_id = r.tenant_id
-    RETURNING threads.thread_id, threads."values", threads.checkpoint_id
+    RETURNING threads.tenant_id, threads.thread_id, threads."values", threads.checkpoint_id
+), a AS (
+    INSERT INTO run_attempts (run_id, attempt, tenant_id, worker, claimed_at)
+    SELECT run_id, attempts, tenant_id, lease_owner, $2 FROM r
 )
 SELECT r.*, t.thread_id IS NOT NULL AS thread_found, t."values" AS thread_values,
        t.checkpoint_id AS thread_checkpoint_id
-FROM r LEFT JOIN t ON true
+FROM r LEFT JOIN t ON t.tenant_id = r.tenant_id AND t.thread_id = r.thread_id
 """
+_CLAIM = f"""
+WITH picked AS (SELECT p.run_id FROM runs p WHERE p.run_id = $1 AND {_CLAIMABLE} FOR UPDATE),
+{_TAKE}
+"""
+# The next runs for a worker with free slots: fair across tenants (each tenant's oldest
+# first, then each one's second...), within each tenant's cap of running runs ($5), locked
+# with SKIP LOCKED so that workers claiming at once take different runs.
+_CLAIM_NEXT = f"""
+WITH cand AS (
+    SELECT p.run_id, p.tenant_id, p.created_at,
+           row_number() OVER (PARTITION BY p.tenant_id ORDER BY p.created_at) AS rn
+    FROM runs p WHERE p.status = 'pending' AND NOT (p.run_id = ANY($6::text[])) AND {_CLAIMABLE}
+), busy AS (
+    SELECT tenant_id, count(*) AS n FROM runs WHERE status = 'running' GROUP BY tenant_id
+), capped AS (
+    SELECT cand.run_id FROM cand LEFT JOIN busy ON busy.tenant_id = cand.tenant_id
+    WHERE cand.rn + coalesce(busy.n, 0) <= $5
+    ORDER BY cand.rn, cand.created_at
+    LIMIT $1
+), picked AS (
+    SELECT run_id FROM runs
+    WHERE run_id IN (SELECT run_id FROM capped) AND status = 'pending'
+    FOR UPDATE SKIP LOCKED
+),
+{_TAKE}
+"""
+_RENEW = """
+UPDATE runs SET lease_expires_at = now() + make_interval(secs => $2)
+FROM unnest($3::text[], $4::bigint[]) AS h(run_id, token)
+WHERE runs.run_id = h.run_id AND runs.lease_token = h.token AND runs.lease_owner = $1
+RETURNING runs.run_id, runs.status
+"""
+# Give leases up: those that expired (the sweeper), or a worker's own (a graceful stop). A run
+# that was running goes back to the queue; one that was being interrupted ends interrupted,
+# its thread too unless it has other runs. The token grows: the old holder cannot write.
+_RELEASE = """
+WITH x AS (
+    UPDATE runs SET status = CASE WHEN status = 'running' THEN 'pending' ELSE status END,
+        lease_owner = NULL, lease_expires_at = NULL, lease_token = lease_token + 1,
+        updated_at = now()
+    WHERE {which}
+    RETURNING run_id, tenant_id, thread_id, status
+), t AS (
+    UPDATE threads SET status = 'interrupted', updated_at = now()
+    FROM x WHERE x.status = 'interrupted'
+        AND threads.tenant_id = x.tenant_id AND threads.thread_id = x.thread_id
+        AND NOT EXISTS (
+            SELECT 1 FROM runs o
+            WHERE o.tenant_id = x.tenant_id AND o.thread_id = x.thread_id
+              AND o.run_id <> x.run_id AND o.status IN ('pending', 'running'))
+)
+SELECT run_id, status FROM x
+"""
+_SWEEP = _RELEASE.format(
+    which="(lease_owner IS NOT NULL AND lease_expires_at < now())"
+    " OR (status = 'running' AND lease_owner IS NULL)"  # left by a version without leases
+)
+_HAND_BACK = _RELEASE.format(which="lease_owner = $1 AND run_id = ANY($2::text[])")
+_PENDING = "SELECT count(*) FROM runs WHERE status = 'pending'"
+_TENANT_PENDING = "SELECT count(*) FROM runs WHERE status = 'pending' AND tenant_id = $1"
 _QUEUE = "SELECT nimbus_queue_run($1, $2, $3, $4, $5, $6, $7, $8)"  # migration 0002
 BUSY_STATE = "NB409"  # the SQLSTATE nimbus_queue_run raises for a busy thread (reject)
 
@@ -60,6 +141,17 @@ async def _setup(conn: asyncpg.Connection) -> None:
         schema="pg_catalog",
         format="binary",
     )
+
+
+def _claimed(found: asyncpg.Record) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    run = dict(found)
+    thread_found = run.pop("thread_found")
+    thread = {
+        "thread_id": run["thread_id"],
+        "values": run.pop("thread_values"),
+        "checkpoint_id": run.pop("thread_checkpoint_id"),
+    }
+    return run, thread if thread_found else None
 
 
 class PgHotPath:
@@ -97,19 +189,51 @@ class PgHotPath:
         found = await self.pool.fetchrow(_ASSISTANT, tenant_id, assistant_id)
         return None if found is None else dict(found)
 
-    async def claim(self, run_id: str) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
-        """See :meth:`nimbus.store.runs.RunStore.claim`."""
-        found = await self.pool.fetchrow(_CLAIM, run_id, now())
-        if found is None:
-            return None
-        run = dict(found)
-        thread_found = run.pop("thread_found")
-        thread = {
-            "thread_id": run["thread_id"],
-            "values": run.pop("thread_values"),
-            "checkpoint_id": run.pop("thread_checkpoint_id"),
-        }
-        return run, thread if thread_found else None
+    async def claim(
+        self, run_id: str, owner: str, lease_s: float
+    ) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+        """Claim one run for ``owner`` with a lease of ``lease_s`` seconds (see
+        :meth:`nimbus.store.runs.RunStore.claim`); None when it is not claimable now: taken,
+        ended, or its thread busy with another run."""
+        found = await self.pool.fetchrow(_CLAIM, run_id, now(), owner, lease_s)
+        return None if found is None else _claimed(found)
+
+    async def claim_next(
+        self,
+        owner: str,
+        limit: int,
+        lease_s: float,
+        tenant_cap: int,
+        skip: Collection[str] = (),
+    ) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
+        """Claim up to ``limit`` waiting runs for ``owner``, fairly across tenants, at most
+        ``tenant_cap`` running per tenant, none of ``skip``."""
+        rows = await self.pool.fetch(
+            _CLAIM_NEXT, limit, now(), owner, lease_s, tenant_cap, list(skip)
+        )
+        return [_claimed(r) for r in rows]
+
+    async def renew(self, owner: str, held: dict[str, int], lease_s: float) -> dict[str, str]:
+        """Extend ``owner``'s leases (run id → fencing token); returns the status of each run
+        whose lease it still holds (the others were lost)."""
+        rows = await self.pool.fetch(_RENEW, owner, lease_s, list(held), list(held.values()))
+        return {r["run_id"]: r["status"] for r in rows}
+
+    async def sweep(self) -> list[tuple[str, str]]:
+        """Release expired leases: their running runs go back to the queue. Returns (run id,
+        status now) of each."""
+        return [(r["run_id"], r["status"]) for r in await self.pool.fetch(_SWEEP)]
+
+    async def hand_back(self, owner: str, run_ids: list[str]) -> list[str]:
+        """Release ``owner``'s leases of ``run_ids`` (a worker stopping): they go back to the
+        queue for another worker."""
+        return [r["run_id"] for r in await self.pool.fetch(_HAND_BACK, owner, run_ids)]
+
+    async def pending(self, tenant_id: str | None = None) -> int:
+        """How many runs wait in the queue (of one tenant, if given)."""
+        if tenant_id is None:
+            return int(await self.pool.fetchval(_PENDING))
+        return int(await self.pool.fetchval(_TENANT_PENDING, tenant_id))
 
     async def queue_run(
         self,

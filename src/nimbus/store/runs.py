@@ -21,7 +21,7 @@ from nimbus.store.common import (
 )
 from nimbus.store.db import autocommit
 from nimbus.store.pg import PgHotPath
-from nimbus.store.schema import idempotency_keys, run_events, runs, threads
+from nimbus.store.schema import idempotency_keys, run_attempts, run_events, runs, threads
 from nimbus.store.threads import create_thread, get_thread
 
 ACTIVE = ("pending", "running")
@@ -50,6 +50,7 @@ _CLAIM = (
     .returning(*runs.c)
 )
 _INSERT = runs.insert()
+_ATTEMPT = run_attempts.insert()
 
 
 def _queue(
@@ -145,6 +146,15 @@ def _claim(conn: Connection, run_id: str) -> tuple[dict[str, Any], dict[str, Any
         return None
     tenant_id, thread_id = claimed["tenant_id"], claimed["thread_id"]
     conn.execute(_BUSY, {"b_tenant_id": tenant_id, "b_thread_id": thread_id, "b_stamp": stamp})
+    conn.execute(
+        _ATTEMPT,
+        {
+            "run_id": run_id,
+            "attempt": claimed["attempts"],
+            "tenant_id": tenant_id,
+            "claimed_at": stamp,
+        },
+    )
     return claimed, get_thread(conn, tenant_id, thread_id)
 
 
@@ -243,6 +253,7 @@ class RunStore:
         async with self.engine.begin() as conn:
             result = await conn.execute(query)
             await conn.execute(delete(run_events).where(run_events.c.run_id == run_id))
+            await conn.execute(delete(run_attempts).where(run_attempts.c.run_id == run_id))
         return bool(result.rowcount)
 
     async def cancel(self, tenant_id: str, run_id: str, thread_id: str | None, action: str) -> bool:
@@ -279,6 +290,28 @@ class RunStore:
             )
         return [r for r in map(row, rows) if r]
 
+    async def attempts(self, tenant_id: str, run_id: str) -> list[dict[str, Any]]:
+        """The attempts at a run: number, the worker that claimed it and when."""
+        query = (
+            select(run_attempts.c.attempt, run_attempts.c.worker, run_attempts.c.claimed_at)
+            .where(run_attempts.c.tenant_id == tenant_id, run_attempts.c.run_id == run_id)
+            .order_by(run_attempts.c.attempt)
+        )
+        async with self.auto.connect() as conn:
+            return [dict(r) for r in (await conn.execute(query)).mappings()]
+
+    async def ended(self, run_id: str) -> bool:
+        """Whether a run is over: not pending or running, and no worker holds it any more (a
+        run cancelled from elsewhere is ``interrupted`` at once, but ends when its worker has
+        written its end). A run that does not exist is over too."""
+        async with self.auto.connect() as conn:
+            found = (
+                await conn.execute(
+                    select(runs.c.status, runs.c.lease_owner).where(runs.c.run_id == run_id)
+                )
+            ).first()
+        return found is None or (found.status not in ACTIVE and found.lease_owner is None)
+
     async def status(self, run_id: str) -> str | None:
         """The current status of a run."""
         async with self.auto.connect() as conn:
@@ -309,13 +342,19 @@ class RunStore:
             )
         return -1 if found is None else int(found)
 
-    async def claim(self, run_id: str) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+    async def claim(
+        self, run_id: str, owner: str = "", lease_s: float = 30.0
+    ) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
         """Claim a pending (or resumed) run for execution: the run becomes running with one
         more attempt, its thread busy (again: a run that ended meanwhile may have set it
         idle). Returns the run and its thread (None if the thread was deleted), or None when
-        the run is no longer active (cancelled or finished meanwhile)."""
+        the run is no longer active (cancelled or finished meanwhile).
+
+        On PostgreSQL the claim is a lease for ``owner`` (a worker) of ``lease_s`` seconds,
+        and the run's ``lease_token`` is the fencing token its step writes must carry; a run
+        whose thread has another run in progress is not claimable yet (None)."""
         if self.fast is not None:
-            return await self.fast.claim(run_id)
+            return await self.fast.claim(run_id, owner, lease_s)
         async with self.engine.begin() as conn:
             return await conn.run_sync(_claim, run_id)
 

@@ -124,8 +124,25 @@ runs = Table(
     Column("attempts", Integer, nullable=False, default=0),
     _ts("created_at"),
     _ts("updated_at"),
+    # The lease of the worker executing the run (PostgreSQL; see nimbus.store.pg): who holds
+    # it, until when, and the fencing token every step write of the holder must carry. The
+    # token grows at each claim and each expiry, so a worker that lost its lease cannot write.
+    Column("lease_owner", Id, nullable=True),
+    Column("lease_token", BigInteger, nullable=False, default=0, server_default="0"),
+    Column("lease_expires_at", DateTime(timezone=True), nullable=True),
     Index("ix_runs_thread", "tenant_id", "thread_id", "created_at"),
     Index("ix_runs_status", "status", "created_at"),
+    Index("ix_runs_lease_owner", "lease_owner"),
+)
+
+run_attempts = Table(
+    "run_attempts",
+    metadata,
+    Column("run_id", Id, primary_key=True),
+    Column("attempt", Integer, primary_key=True),
+    Column("tenant_id", Id, nullable=False),
+    Column("worker", String(64), nullable=True),  #: the lease owner that claimed it
+    _ts("claimed_at"),
 )
 
 run_events = Table(

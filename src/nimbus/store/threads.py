@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from nimbus.store.common import JsonMatch, new_id, now, row
 from nimbus.store.db import autocommit
 from nimbus.store.pg import PgHotPath
-from nimbus.store.schema import checkpoints, run_events, runs, threads
+from nimbus.store.schema import checkpoints, run_attempts, run_events, runs, threads
 
 # Built once: building a statement costs more than running it on SQLite.
 _GET = select(threads).where(
@@ -145,6 +145,7 @@ class ThreadStore:
             of_thread = (runs.c.tenant_id == tenant_id, runs.c.thread_id == thread_id)
             run_ids = select(runs.c.run_id).where(*of_thread)
             await conn.execute(delete(run_events).where(run_events.c.run_id.in_(run_ids)))
+            await conn.execute(delete(run_attempts).where(run_attempts.c.run_id.in_(run_ids)))
             await conn.execute(delete(runs).where(*of_thread))
         return True
 

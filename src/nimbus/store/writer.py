@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,13 +22,16 @@ import structlog
 from sqlalchemy import Connection, bindparam, case, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from nimbus.exceptions import LeaseLost
 from nimbus.store.common import new_id, now
-from nimbus.store.db import dump_json
+from nimbus.store.db import dump_json, unavailable
 from nimbus.store.pg import PgHotPath
 from nimbus.store.schema import checkpoints, run_events, runs, threads
 
 log = structlog.get_logger("nimbus.store")
 MAX_BATCH = 256
+DEADLOCK_RETRIES = 3
+LOST = "lease lost"  #: a write refused: the writer's lease token is no longer the run's
 
 # SQLite's statements (PostgreSQL's are _PG_STEPS below); JSON parameters typed as their column.
 _JSON = threads.c["values"].type
@@ -105,6 +109,11 @@ class StepWrite:
     events: list[tuple[int, str, Any]] = field(default_factory=list)
     end: tuple[str, str | None, str] | None = None  #: (run status, error, thread status)
     checkpoint_id: str = field(default_factory=new_id)  #: the appended checkpoint's id
+    #: the fencing token of the writer's lease (PostgreSQL): the write lands only while the
+    #: run's token is still this one
+    lease_token: int = 0
+    #: set by the write of a run's end: the thread has other runs waiting (PostgreSQL)
+    others_waiting: bool = False
 
 
 _Item = tuple[StepWrite, "asyncio.Future[str | None]"]
@@ -116,6 +125,9 @@ class StepWriter:
     def __init__(self, engine: AsyncEngine, fast: PgHotPath | None = None) -> None:
         self.engine = engine
         self.fast = fast
+        #: how long a batch is retried while the database is unreachable (a worker sets its
+        #: lease time: past it the run is another worker's, and the write would be refused)
+        self.outage_s = 0.0
         self.batches = 0  #: transactions written (each holds one or more steps)
         self.steps = 0  #: steps written
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
@@ -156,25 +168,47 @@ class StepWriter:
     async def _flush(self, batch: list[_Item]) -> None:
         steps = [step for step, _ in batch]
         try:
-            if self.fast is not None:
-                results = await write_steps_pg(self.fast.pool, steps)
-            else:
-                async with self.engine.begin() as conn:
-                    results = await conn.run_sync(write_steps, steps)
+            results = await self._write(steps)
         except Exception as exc:
-            if len(batch) > 1:  # find the bad write: each alone
+            if len(batch) > 1 and not unavailable(exc):  # find the bad write: each alone
                 for one in batch:
                     await self._flush([one])
                 return
-            log.warning("store.step_write_failed", run_id=batch[0][0].run_id, error=str(exc))
-            if not batch[0][1].done():
-                batch[0][1].set_exception(exc)
+            for step, future in batch:
+                log.warning("store.step_write_failed", run_id=step.run_id, error=str(exc))
+                if not future.done():
+                    future.set_exception(exc)
             return
         self.batches += 1
         self.steps += len(batch)
-        for (_, future), result in zip(batch, results, strict=True):
-            if not future.done():
+        for (step, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if result is LOST:
+                future.set_exception(LeaseLost(step.run_id, step.lease_token))
+            else:
                 future.set_result(result)
+
+    async def _write(self, steps: list[StepWrite]) -> list[str | None]:
+        deadlocks, pause = 0, 0.05
+        deadline = time.monotonic() + self.outage_s
+        while True:
+            try:
+                if self.fast is not None:
+                    return await write_steps_pg(self.fast.pool, steps)
+                async with self.engine.begin() as conn:
+                    return await conn.run_sync(write_steps, steps)
+            except asyncpg.DeadlockDetectedError:
+                # a run being queued on a thread (interrupt) locks the thread, then its runs;
+                # this locks runs, then threads: PostgreSQL aborts one, try again
+                deadlocks += 1
+                if deadlocks > DEADLOCK_RETRIES:
+                    raise
+            except Exception as exc:
+                if not unavailable(exc) or time.monotonic() + pause > deadline:
+                    raise
+                await asyncio.sleep(pause)  # the database is away: wait for it, a while
+                pause = min(pause * 2, 2.0)
 
 
 # PostgreSQL: a batch is one statement (atomic on its own: no BEGIN/COMMIT round trips), its
@@ -182,13 +216,18 @@ class StepWriter:
 # dimension). Data-modifying CTEs all see the snapshot taken before the statement.
 _PG_STEPS = """
 WITH s AS (
-    SELECT run_id, thread_id, tenant_id, state::json AS state, vals, checkpoint_id,
-           parent_id, step, next::json AS next, end_status, end_error, end_thread_status
+    SELECT u.run_id, u.thread_id, u.tenant_id, u.state::json AS state, u.vals,
+           u.checkpoint_id, u.parent_id, u.step, u.next::json AS next, u.end_status,
+           u.end_error, u.end_thread_status
     FROM unnest(
         $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-        $8::int[], $9::text[], $10::text[], $11::text[], $12::text[]
+        $8::int[], $9::text[], $10::text[], $11::text[], $12::text[], $19::bigint[]
     ) AS u(run_id, thread_id, tenant_id, state, vals, checkpoint_id, parent_id,
-           step, next, end_status, end_error, end_thread_status)
+           step, next, end_status, end_error, end_thread_status, token)
+    -- fencing: only the holder of the run's current lease writes; the lock keeps a sweep or
+    -- a claim from changing the token before this statement is done
+    JOIN runs r ON r.run_id = u.run_id AND r.lease_token = u.token
+    FOR UPDATE OF r
 ),
 t AS (
     UPDATE threads SET
@@ -205,6 +244,7 @@ t AS (
             ELSE s.end_thread_status END,
         updated_at = $13
     FROM s WHERE threads.tenant_id = s.tenant_id AND threads.thread_id = s.thread_id
+    RETURNING threads.tenant_id, threads.thread_id, threads.status
 ),
 c AS (
     INSERT INTO checkpoints (checkpoint_id, tenant_id, thread_id, parent_id, run_id, step,
@@ -216,9 +256,10 @@ c AS (
 ),
 e AS (
     INSERT INTO run_events (run_id, tenant_id, seq, event, data)
-    SELECT run_id, tenant_id, seq, event, data::json
+    SELECT v.run_id, v.tenant_id, v.seq, v.event, v.data::json
     FROM unnest($14::text[], $15::text[], $16::int[], $17::text[], $18::text[])
         AS v(run_id, tenant_id, seq, event, data)
+    WHERE v.run_id IN (SELECT run_id FROM s)
 )
 UPDATE runs SET
     status = CASE WHEN s.end_status IS NULL OR runs.status = 'interrupted' THEN runs.status
@@ -226,14 +267,19 @@ UPDATE runs SET
     error = CASE WHEN s.end_status IS NULL OR runs.status = 'interrupted' THEN runs.error
                  ELSE s.end_error END,
     state = s.state,
-    updated_at = $13
-FROM s WHERE runs.run_id = s.run_id
-RETURNING runs.run_id, runs.status
+    updated_at = $13,
+    -- the run's end gives its lease up
+    lease_owner = CASE WHEN s.end_status IS NULL THEN runs.lease_owner END,
+    lease_expires_at = CASE WHEN s.end_status IS NULL THEN runs.lease_expires_at END
+FROM s LEFT JOIN t ON t.tenant_id = s.tenant_id AND t.thread_id = s.thread_id
+WHERE runs.run_id = s.run_id
+RETURNING runs.run_id, runs.status, t.status AS thread_status
 """
 
 
 async def write_steps_pg(pg: asyncpg.Pool, steps: list[StepWrite]) -> list[str | None]:
-    """Write ``steps`` in one statement (atomic on its own)."""
+    """Write ``steps`` in one statement (atomic on its own). A step whose lease token is no
+    longer its run's is not written: its result is :data:`LOST`."""
     given, steps = steps, sorted(steps, key=lambda s: (s.tenant_id, s.thread_id))  # lock order
     ends = [s.end or (None, None, None) for s in steps]
     events = [(s, e) for s in steps for e in s.events]
@@ -257,9 +303,18 @@ async def write_steps_pg(pg: asyncpg.Pool, steps: list[StepWrite]) -> list[str |
         [e[0] for _, e in events],
         [e[1] for _, e in events],
         [dump_json(e[2]) for _, e in events],
+        [s.lease_token for s in steps],
     )
     status = {r["run_id"]: r["status"] for r in rows}
-    return [status.get(s.run_id) if s.end is not None else None for s in given]
+    for r in rows:
+        if r["thread_status"] == "busy":
+            for s in given:
+                if s.run_id == r["run_id"] and s.end is not None:
+                    s.others_waiting = True
+    return [
+        LOST if s.run_id not in status else status[s.run_id] if s.end is not None else None
+        for s in given
+    ]
 
 
 def write_steps(conn: Connection, steps: list[StepWrite]) -> list[str | None]:

@@ -1,0 +1,45 @@
+"""Run leases: the worker holding a run, until when, and its fencing token; and the record of
+each run's attempts.
+
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-11-30
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+from sqlalchemy import inspect
+
+from nimbus.store.schema import run_attempts
+
+revision = "0006"
+down_revision = "0005"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    bind = op.get_bind()
+    if not inspect(bind).has_table(run_attempts.name):  # 0001 made it on a new database
+        run_attempts.create(bind)
+    existing = {c["name"] for c in inspect(bind).get_columns("runs")}
+    if "lease_owner" in existing:  # 0001 made it from the current schema on a new database
+        return
+    with op.batch_alter_table("runs") as batch:
+        batch.add_column(sa.Column("lease_owner", sa.String(64), nullable=True))
+        batch.add_column(
+            sa.Column("lease_token", sa.BigInteger(), nullable=False, server_default="0")
+        )
+        batch.add_column(sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=True))
+    op.create_index("ix_runs_lease_owner", "runs", ["lease_owner"])
+
+
+def downgrade() -> None:
+    op.drop_table(run_attempts.name)
+    op.drop_index("ix_runs_lease_owner", "runs")
+    with op.batch_alter_table("runs") as batch:
+        batch.drop_column("lease_expires_at")
+        batch.drop_column("lease_token")
+        batch.drop_column("lease_owner")

@@ -1,0 +1,252 @@
+"""The shared run queue on PostgreSQL: claims are leases with fencing tokens, runs of a thread
+go one at a time, workers claiming at once take different runs, tenants take turns, expired
+leases go back to the queue, and a worker that lost its lease can no longer write."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+
+from nimbus.exceptions import LeaseLost
+from nimbus.store.database import Database
+from nimbus.store.pg import PgHotPath
+from nimbus.store.writer import StepWrite
+
+
+@pytest.fixture
+async def db(postgres_url: str) -> AsyncIterator[Database]:
+    database = await Database.open(postgres_url)
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+def _fast(db: Database) -> PgHotPath:
+    assert db.fast is not None
+    return db.fast
+
+
+async def _assistant(db: Database, tenant: str) -> str:
+    assistant, _ = await db.assistants.create(
+        tenant,
+        assistant_id=None,
+        graph_id="agent",
+        name="a",
+        description=None,
+        config={},
+        context={},
+        metadata={},
+        if_exists="raise",
+    )
+    return str(assistant["assistant_id"])
+
+
+async def _queue(db: Database, tenant: str, thread_id: str | None = None) -> dict[str, Any]:
+    if thread_id is None:
+        thread, _ = await db.threads.create(tenant, thread_id=None, metadata={})
+        thread_id = thread["thread_id"]
+    run = await db.runs.create(
+        tenant,
+        thread_id=thread_id,
+        assistant_id=await _assistant(db, tenant),
+        kwargs={},
+        metadata={},
+        multitask_strategy="enqueue",
+    )
+    assert run is not None
+    return run
+
+
+def _step(run: dict[str, Any], token: int, n: int, **changes: Any) -> StepWrite:
+    write = StepWrite(
+        run["tenant_id"],
+        run["run_id"],
+        run["thread_id"],
+        orjson.Fragment(orjson.dumps({"step": n})),
+        values={"messages": [{"type": "human", "content": f"step {n}", "id": str(n)}]},
+        step=n,
+        events=[(n, "values", {"n": n})],
+        lease_token=token,
+    )
+    for key, value in changes.items():
+        setattr(write, key, value)
+    return write
+
+
+async def _expire(db: Database, run_id: str) -> None:
+    """Make a lease look old, as if its worker had stopped renewing it long ago."""
+    async with _fast(db).pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE runs SET lease_expires_at = now() - interval '1 second' WHERE run_id = $1",
+            run_id,
+        )
+
+
+async def test_a_claim_is_a_lease_with_a_new_token(db: Database) -> None:
+    run = await _queue(db, "t1")
+    claimed = await db.runs.claim(run["run_id"], "w1", 30)
+    assert claimed is not None
+    row, thread = claimed
+    assert row["status"] == "running" and row["lease_owner"] == "w1"
+    assert row["lease_token"] == 1 and row["attempts"] == 1
+    assert thread is not None and thread["thread_id"] == run["thread_id"]
+    assert await db.runs.claim(run["run_id"], "w2", 30) is None  # held: not claimable
+
+
+async def test_a_stale_token_writes_nothing(db: Database) -> None:
+    run = await _queue(db, "t1")
+    first = await db.runs.claim(run["run_id"], "w1", 30)
+    assert first is not None
+    await db.steps.write(_step(run, first[0]["lease_token"], 1))
+    await _expire(db, run["run_id"])
+    assert await _fast(db).sweep() == [(run["run_id"], "pending")]
+    second = await db.runs.claim(run["run_id"], "w2", 30)
+    assert second is not None
+    assert second[0]["lease_token"] > first[0]["lease_token"]
+    assert second[0]["attempts"] == 2 and second[0]["state"] == {"step": 1}
+
+    with pytest.raises(LeaseLost):  # the first worker wakes up and tries to go on
+        await db.steps.write(_step(run, first[0]["lease_token"], 2))
+    with pytest.raises(LeaseLost):
+        await db.steps.write(_step(run, first[0]["lease_token"], 2, end=("success", None, "idle")))
+    stored = await db.runs.get("t1", run["run_id"])
+    assert stored is not None and stored["state"] == {"step": 1}
+    assert stored["status"] == "running" and stored["lease_owner"] == "w2"
+    assert [seq for seq, _, _ in await db.runs.events(run["run_id"])] == [1]
+    thread = await db.threads.get("t1", run["thread_id"])
+    assert thread is not None and thread["values"]["messages"][0]["content"] == "step 1"
+
+    # the new holder writes, and its end frees the lease
+    final = await db.steps.write(
+        _step(run, second[0]["lease_token"], 2, end=("success", None, "idle"))
+    )
+    assert final == "success"
+    stored = await db.runs.get("t1", run["run_id"])
+    assert stored is not None and stored["lease_owner"] is None
+
+
+async def test_only_the_oldest_run_of_a_thread_is_claimable(db: Database) -> None:
+    first = await _queue(db, "t1")
+    second = await _queue(db, "t1", first["thread_id"])
+    assert await db.runs.claim(second["run_id"], "w1", 30) is None  # the older one goes first
+    claimed = await _fast(db).claim_next("w1", 10, 30, 1 << 30)
+    assert [r["run_id"] for r, _ in claimed] == [first["run_id"]]
+    assert await _fast(db).claim_next("w2", 10, 30, 1 << 30) == []  # the thread is busy
+    token = claimed[0][0]["lease_token"]
+    await db.steps.write(
+        _step(first, token, 1, end=("success", None, "idle"), others_waiting=False)
+    )
+    after = await _fast(db).claim_next("w2", 10, 30, 1 << 30)
+    assert [r["run_id"] for r, _ in after] == [second["run_id"]]
+
+
+async def test_the_end_of_a_run_says_when_its_thread_has_more_waiting(db: Database) -> None:
+    first = await _queue(db, "t1")
+    await _queue(db, "t1", first["thread_id"])
+    claimed = await db.runs.claim(first["run_id"], "w1", 30)
+    assert claimed is not None
+    end = _step(first, claimed[0]["lease_token"], 1, end=("success", None, "idle"))
+    await db.steps.write(end)
+    assert end.others_waiting
+
+
+async def test_workers_claiming_at_once_take_different_runs(db: Database) -> None:
+    runs = [await _queue(db, "t1") for _ in range(30)]
+    fast = _fast(db)
+    batches = await asyncio.gather(*(fast.claim_next(f"w{i}", 4, 30, 1 << 30) for i in range(8)))
+    taken = [r["run_id"] for batch in batches for r, _ in batch]
+    assert len(taken) == len(set(taken))  # nobody got a run twice
+    assert len(taken) <= 30 and set(taken) <= {r["run_id"] for r in runs}
+    rest = await fast.claim_next("w9", 100, 30, 1 << 30)
+    assert len(taken) + len(rest) == 30
+
+
+async def test_tenants_take_turns_and_each_has_a_cap(db: Database) -> None:
+    noisy = [await _queue(db, "noisy") for _ in range(6)]
+    quiet = [await _queue(db, "quiet") for _ in range(2)]
+    fast = _fast(db)
+    first = await fast.claim_next("w1", 4, 30, 1 << 30)
+    tenants = [r["tenant_id"] for r, _ in first]
+    assert sorted(tenants) == ["noisy", "noisy", "quiet", "quiet"]  # not the 4 oldest (noisy)
+    capped = await fast.claim_next("w1", 10, 30, 3)  # noisy may have 3 running: 1 more
+    assert [r["tenant_id"] for r, _ in capped] == ["noisy"]
+    assert await fast.pending("noisy") == 3 and await fast.pending() == 3
+    assert len(noisy) + len(quiet) == 8
+
+
+async def test_renewal_tells_lost_and_cancelled_runs(db: Database) -> None:
+    a, b = await _queue(db, "t1"), await _queue(db, "t1")
+    ca = await db.runs.claim(a["run_id"], "w1", 30)
+    cb = await db.runs.claim(b["run_id"], "w1", 30)
+    assert ca is not None and cb is not None
+    await db.runs.cancel("t1", b["run_id"], None, "interrupt")
+    alive = await _fast(db).renew(
+        "w1", {a["run_id"]: ca[0]["lease_token"], b["run_id"]: cb[0]["lease_token"]}, 30
+    )
+    assert alive == {a["run_id"]: "running", b["run_id"]: "interrupted"}
+    await _expire(db, a["run_id"])
+    await _fast(db).sweep()
+    alive = await _fast(db).renew("w1", {a["run_id"]: ca[0]["lease_token"]}, 30)
+    assert alive == {}  # lost: swept back into the queue
+
+
+async def test_an_interrupted_run_of_a_dead_worker_ends_and_frees_its_thread(
+    db: Database,
+) -> None:
+    run = await _queue(db, "t1")
+    assert await db.runs.claim(run["run_id"], "w1", 30) is not None
+    await db.runs.cancel("t1", run["run_id"], None, "interrupt")
+    await _expire(db, run["run_id"])  # the worker died before it wrote the end
+    assert await _fast(db).sweep() == [(run["run_id"], "interrupted")]
+    thread = await db.threads.get("t1", run["thread_id"])
+    assert thread is not None and thread["status"] == "interrupted"
+
+
+async def test_a_worker_hands_its_runs_back(db: Database) -> None:
+    run = await _queue(db, "t1")
+    assert await db.runs.claim(run["run_id"], "w1", 30) is not None
+    assert await _fast(db).hand_back("w2", [run["run_id"]]) == []  # not w2's
+    assert await _fast(db).hand_back("w1", [run["run_id"]]) == [run["run_id"]]
+    again = await _fast(db).claim_next("w2", 10, 30, 1 << 30)
+    assert [(r["run_id"], r["attempts"]) for r, _ in again] == [(run["run_id"], 2)]
+
+
+async def test_a_concurrent_sweep_and_write_never_both_win(db: Database) -> None:
+    """The step write locks the run's row: a sweep waits for it, or the write sees the new
+    token; never a checkpoint from a worker whose lease was already taken."""
+    for _ in range(20):
+        run = await _queue(db, "t1")
+        claimed = await db.runs.claim(run["run_id"], "w1", 30)
+        assert claimed is not None
+        await _expire(db, run["run_id"])
+        write, swept = await asyncio.gather(
+            db.steps.write(_step(run, claimed[0]["lease_token"], 1)),
+            _fast(db).sweep(),
+            return_exceptions=True,
+        )
+        assert swept == [(run["run_id"], "pending")]
+        stored = await db.runs.get("t1", run["run_id"])
+        assert stored is not None
+        checkpoints = await db.threads.history("t1", run["thread_id"], limit=10)
+        if isinstance(write, LeaseLost):  # swept first: nothing of the write landed
+            assert stored["state"] is None and checkpoints == []
+        else:  # written first, then swept: the next worker resumes from it
+            assert write is None and stored["state"] == {"step": 1} and len(checkpoints) == 1
+
+
+async def test_migrations_of_processes_starting_together(postgres_url: str) -> None:
+    """Several processes migrating one new database at once: one does it, none fails."""
+    dbs = await asyncio.gather(*(Database.open(postgres_url) for _ in range(4)))
+    for one in dbs:
+        await one.close()
+    conn = await asyncpg.connect(postgres_url.replace("+asyncpg", ""))
+    try:
+        assert await conn.fetchval("SELECT version_num FROM alembic_version") == "0006"
+    finally:
+        await conn.close()

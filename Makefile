@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint typecheck pytest postgres bench clean
+.PHONY: run test lint typecheck pytest postgres redis bench clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Nimbus needs Python >= 3.11 (set PYTHON=python3.11)")'
@@ -41,7 +41,13 @@ postgres:
 	  echo "PostgreSQL binaries missing: installing Debian's postgresql"; \
 	  apt-get update -q && apt-get install -y -q postgresql; }
 
-pytest: $(VENV)/.test-deps postgres
+# Scale-out tests start a throwaway redis-server: make sure the binary is there.
+redis:
+	@command -v redis-server >/dev/null 2>&1 || ls /usr/bin/redis-server >/dev/null 2>&1 || { \
+	  echo "redis-server missing: installing Debian's redis-server"; \
+	  apt-get update -q && apt-get install -y -q redis-server; }
+
+pytest: $(VENV)/.test-deps postgres redis
 	$(BIN)/pytest
 
 test: lint typecheck pytest

@@ -16,6 +16,7 @@ import pytest
 
 from nimbus.testing.fake_openai import FakeOpenAIServer
 from tests.postgres import DEFAULT_PG, answers, throwaway_cluster
+from tests.redis import throwaway_redis
 
 _real_connect = socket.socket.connect
 _real_connect_ex = socket.socket.connect_ex
@@ -96,3 +97,10 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path}/nimbus.db"
     url: str = request.getfixturevalue("postgres_url")
     return url
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis of the tests' own (started from the installed ``redis-server``)."""
+    with throwaway_redis() as url:
+        yield url

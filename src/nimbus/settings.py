@@ -85,10 +85,42 @@ class Settings(BaseSettings):
         description="Seconds of silence after which a run's event stream sends a heartbeat "
         "comment (0: never).",
     )
+    redis_url: str | None = Field(
+        default=None,
+        description="redis://host:6379/0: signals between processes (worker wake-ups, "
+        "cancellations, live run events) go over Redis pub/sub; unset: PostgreSQL "
+        "LISTEN/NOTIFY.",
+    )
+    api_only: bool = Field(
+        default=False,
+        description="Serve the API only; runs execute in `nimbus worker` processes "
+        "(PostgreSQL only). Same as `nimbus serve --api-only`.",
+    )
+    worker_port: int = Field(
+        default=8124, ge=0, le=65535, description="Port of a `nimbus worker`'s /ok and /metrics."
+    )
+    lease_ttl_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="PostgreSQL: how long a worker's claim on a run lasts unless renewed "
+        "(renewed every third of it). A worker that stops (crash, pause, partition) has its "
+        "runs taken over by another this long after its last renewal.",
+    )
+    poll_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="PostgreSQL: how often an idle worker looks at the queue, and a stream "
+        "of a run on another process reads the database, when no signal came.",
+    )
     shutdown_grace_s: float = Field(
         default=10.0, ge=0, description="Time running steps get at shutdown."
     )
     log_format: str = Field(default="json", description="`json` or `console`.")
+    tool_modules: list[str] | None = Field(
+        default=None,
+        description="Python modules whose `TOOLS` list (tools or typed functions) is added to "
+        'the built-in tools, as a JSON list: `["mycompany.tools"]`.',
+    )
     http_fetch_allowed_hosts: list[str] | None = Field(
         default=None,
         description="If set, `http_fetch` may only fetch these hosts (and subdomains).",

@@ -39,9 +39,14 @@ class LiveServer:
 
 @contextlib.asynccontextmanager
 async def live_server(
-    database_url: str, fake: FakeOpenAIServer, tmp: Path, **env: str
+    database_url: str,
+    fake: FakeOpenAIServer,
+    tmp: Path,
+    command: tuple[str, ...] = ("serve",),
+    **env: str,
 ) -> AsyncIterator[LiveServer]:
-    """Start ``nimbus serve`` as a real process and wait until ``/ok`` answers."""
+    """Start ``nimbus serve`` (or another ``command``: ``("worker",)``, ``("serve",
+    "--api-only")``) as a real process and wait until it listens."""
     port = free_port()
     log = tmp / f"server-{port}.log"
     environment = {
@@ -52,11 +57,14 @@ async def live_server(
         "OPENAI_API_KEY": "sk-upstream-secret",
         "NIMBUS_DEFAULT_MODEL": "openai:fake-model",
         "NIMBUS_MODEL_MAX_RETRIES": "0",
+        # PostgreSQL: a killed server's runs are taken over 3 s after its last renewal
+        "NIMBUS_LEASE_TTL_S": "3",
+        "NIMBUS_POLL_S": "0.5",
         **env,
     }
     with log.open("wb") as out:
         process = subprocess.Popen(  # noqa: ASYNC220 - started once, waited on below
-            [sys.executable, "-m", "nimbus", "serve", "--port", str(port)],
+            [sys.executable, "-m", "nimbus", *command, "--port", str(port)],
             env=environment,
             stdout=out,
             stderr=subprocess.STDOUT,

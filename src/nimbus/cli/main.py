@@ -14,7 +14,7 @@ import typer
 
 from nimbus.aio import run_async
 from nimbus.cli.bench import bench_app
-from nimbus.cli.server import assistants_app, keys_app, serve
+from nimbus.cli.server import assistants_app, keys_app, serve, worker
 from nimbus.exceptions import NimbusError, RunFailed, UserError
 
 app = typer.Typer(
@@ -29,6 +29,7 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(keys_app, name="keys")
 app.add_typer(assistants_app, name="assistants")
 app.command("serve")(serve)
+app.command("worker")(worker)
 
 ModelOpt = Annotated[
     str | None,

@@ -55,10 +55,16 @@ def serve(
         str | None, typer.Option(help="sqlite:///file.db or postgresql://…")
     ] = None,
     log_format: Annotated[str | None, typer.Option(help="json or console.")] = None,
+    api_only: Annotated[
+        bool,
+        typer.Option(
+            "--api-only",
+            help="Serve the API only; runs execute in `nimbus worker` processes (PostgreSQL).",
+        ),
+    ] = False,
 ) -> None:
-    """Run the Nimbus server (API + in-process workers)."""
-    import uvicorn
-
+    """Run the Nimbus server (API + in-process workers, or the API only)."""
+    from nimbus.exceptions import UserError
     from nimbus.server.app import create_app
     from nimbus.server.logging import configure_logging
 
@@ -69,6 +75,12 @@ def serve(
         settings.port = port
     if log_format:
         settings.log_format = log_format
+    settings.api_only = settings.api_only or api_only
+    if settings.api_only and not settings.database_url.startswith("postgres"):
+        raise UserError(
+            "--api-only needs a database shared with the workers: set NIMBUS_DATABASE_URL "
+            "(or --database-url) to a PostgreSQL URL"
+        )
     configure_logging(settings.log_format)
     new_key = asyncio.run(_bootstrap_admin(settings))
     url = f"http://{settings.host}:{settings.port}"
@@ -84,10 +96,54 @@ def serve(
             "--scope admin`)",
             file=sys.stderr,
         )
+    _serve(create_app(settings), settings.host, settings.port, settings)
+
+
+def worker(
+    concurrency: Annotated[
+        int | None,
+        typer.Option(help="Runs executed at once by this process (default NIMBUS_WORKERS).", min=1),
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Address of /ok and /metrics.")] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port of /ok and /metrics (default NIMBUS_WORKER_PORT).")
+    ] = None,
+    database_url: Annotated[str | None, typer.Option(help="postgresql://…")] = None,
+    log_format: Annotated[str | None, typer.Option(help="json or console.")] = None,
+) -> None:
+    """Execute runs from the shared queue (PostgreSQL); serves only /ok and /metrics."""
+    from nimbus.exceptions import UserError
+    from nimbus.server.app import create_app
+    from nimbus.server.logging import configure_logging
+
+    settings = _settings(database_url)
+    if not settings.database_url.startswith("postgres"):
+        raise UserError(
+            "a worker needs the database shared with the API: set NIMBUS_DATABASE_URL (or "
+            "--database-url) to a PostgreSQL URL"
+        )
+    if concurrency is not None:
+        settings.workers = concurrency
+    if log_format:
+        settings.log_format = log_format
+    configure_logging(settings.log_format)
+    listen_host = host or settings.host
+    listen_port = settings.worker_port if port is None else port
+    print(
+        f"Nimbus worker: {settings.workers} runs at once; /ok and /metrics on "
+        f"http://{listen_host}:{listen_port}",
+        file=sys.stderr,
+    )
+    _serve(create_app(settings, api=False), listen_host, listen_port, settings)
+
+
+def _serve(app: object, host: str, port: int, settings: Settings) -> None:
+    import uvicorn
+
     config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
+        app,  # type: ignore[arg-type]
+        host=host,
+        port=port,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,

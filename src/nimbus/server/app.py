@@ -17,10 +17,13 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nimbus import __version__
+from nimbus.exceptions import ConfigError
 from nimbus.server import errors
 from nimbus.server.agents import AgentFactory
 from nimbus.server.broker import RunBroker
+from nimbus.server.bus import Bus, PgBus, RedisBus
 from nimbus.server.deps import Services
+from nimbus.server.feed import FeedFollower
 from nimbus.server.metrics import METRICS
 from nimbus.server.routes import assistants, openai, runs, store, system, threads
 from nimbus.server.worker import WorkerPool
@@ -146,29 +149,70 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
 
 
-def create_app(settings: Settings | None = None, *, workers: bool = True) -> FastAPI:
-    """The Nimbus ASGI app for ``settings``."""
+def _bus(settings: Settings, db: Database) -> Bus | None:
+    """The signals between processes: Redis if configured, else PostgreSQL's LISTEN/NOTIFY;
+    none for SQLite (one process)."""
+    if db.fast is None:
+        return None
+    if settings.redis_url:
+        return RedisBus(settings.redis_url)
+    return PgBus(settings.database_url, db.fast.pool)
+
+
+def create_app(
+    settings: Settings | None = None, *, workers: bool = True, api: bool = True
+) -> FastAPI:
+    """The Nimbus ASGI app for ``settings``: the API with in-process workers (the default),
+    the API only (``workers=False``: ``nimbus serve --api-only``), or workers with only the
+    system endpoints (``api=False``: ``nimbus worker``)."""
     settings = settings or Settings()
+    workers = workers and not settings.api_only
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = await Database.open(settings.database_url, pool_size=settings.database_pool_size)
-        if settings.admin_key is not None:
+        if db.fast is None and not (api and workers):
+            await db.close()
+            raise ConfigError(
+                "API-only servers and separate workers need a database they can share: set "
+                "NIMBUS_DATABASE_URL to a PostgreSQL URL"
+            )
+        if settings.admin_key is not None and api:
             await db.keys.ensure(
                 settings.admin_key.get_secret_value(), OPERATOR_TENANT, "admin", "NIMBUS_ADMIN_KEY"
             )
         broker = RunBroker()
         agents = AgentFactory(settings, builtin_tools(settings))
-        pool = WorkerPool(db, broker, agents, settings.workers, settings.tenant_max_running)
-        app.state.services = Services(settings, db, broker, agents, pool)
+        bus = _bus(settings, db)
+        if bus is not None:
+            await bus.start()
+        pool = WorkerPool(
+            db,
+            broker,
+            agents,
+            settings.workers,
+            settings.tenant_max_running,
+            bus=bus,
+            lease_s=settings.lease_ttl_s,
+            poll_s=settings.poll_s,
+        )
+        follower = FeedFollower(bus, db, settings.poll_s) if bus is not None else None
+        app.state.services = Services(settings, db, broker, agents, pool, bus, follower)
         if workers:
             await pool.start()
         _tune_gc()
-        log.info("server.started", version=__version__)
+        log.info(
+            "server.started",
+            version=__version__,
+            role="api+worker" if api and workers else "api" if api else "worker",
+            worker=pool.owner if workers else None,
+        )
         try:
             yield
         finally:
             await pool.stop(settings.shutdown_grace_s)
+            if bus is not None:
+                await bus.close()
             await agents.aclose()
             await db.close()
             log.info("server.stopped")
@@ -180,7 +224,7 @@ def create_app(settings: Settings | None = None, *, workers: bool = True) -> Fas
         description="LangGraph-compatible agent server with an OpenAI-compatible facade.",
     )
     errors.install(app)
-    for module in (system, assistants, threads, runs, store, openai):
+    for module in (system, assistants, threads, runs, store, openai) if api else (system,):
         app.include_router(module.router)
     app.add_middleware(Guard, max_body=settings.max_body_bytes)
     return app

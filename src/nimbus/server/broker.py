@@ -4,7 +4,7 @@ out to subscribers, so a stream joined late misses nothing (stored events cover 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,8 @@ class RunBroker:
 
     def __init__(self) -> None:
         self._channels: dict[str, _Channel] = {}
+        #: also called with each published event (the cross-process feed)
+        self.tap: Callable[[str, StreamEvent], None] | None = None
 
     def open(self, run_id: str) -> None:
         """Start keeping events of ``run_id``."""
@@ -36,6 +38,13 @@ class RunBroker:
         channel.events.append(event)
         for queue in channel.subscribers:
             queue.put_nowait(event)
+        if self.tap is not None:
+            self.tap(run_id, event)
+
+    def events(self, run_id: str) -> list[StreamEvent]:
+        """The events of a live run so far."""
+        channel = self._channels.get(run_id)
+        return list(channel.events) if channel is not None else []
 
     def close(self, run_id: str) -> None:
         """The run ended: wake subscribers and forget its events."""

@@ -9,7 +9,9 @@ from fastapi import Depends, Request
 
 from nimbus.server.agents import AgentFactory
 from nimbus.server.broker import RunBroker
+from nimbus.server.bus import Bus
 from nimbus.server.errors import APIError
+from nimbus.server.feed import FeedFollower
 from nimbus.server.worker import WorkerPool
 from nimbus.settings import Settings
 from nimbus.store.database import Database
@@ -25,6 +27,8 @@ class Services:
     broker: RunBroker
     agents: AgentFactory
     pool: WorkerPool
+    bus: Bus | None = None  #: PostgreSQL: signals between processes
+    follower: FeedFollower | None = None  #: PostgreSQL: runs executing in other processes
 
 
 async def services(request: Request) -> Services:

@@ -23,7 +23,7 @@ from nimbus.core.events import (
 )
 from nimbus.core.messages import AssistantMessage, Message, SystemMessage
 from nimbus.core.runtime import AgentRun
-from nimbus.exceptions import NimbusError, RunFailed
+from nimbus.exceptions import LeaseLost, NimbusError, RunFailed
 from nimbus.server.agents import AgentFactory, agent_settings, build_agent
 from nimbus.server.broker import RunBroker
 from nimbus.server.langgraph import input_messages, thread_messages, to_lg
@@ -32,6 +32,7 @@ from nimbus.store.database import Database
 from nimbus.store.writer import StepWrite
 
 TOKEN_MODES = {"messages", "messages-tuple", "events"}
+THREAD_STATUS_AFTER = {"error": "error", "interrupted": "interrupted"}  # else idle
 
 
 def stream_modes(kwargs: dict[str, Any]) -> set[str]:
@@ -124,6 +125,8 @@ class RunExecution:
         self.parent: str | None = thread.get("checkpoint_id")  # the thread's newest checkpoint
         self.unsaved_final = False
         self.saved_any = False  # a step of this attempt was written
+        self.lease_token: int = run.get("lease_token") or 0
+        self.others_waiting = False  # at the end: the thread has other runs waiting
         self.outcome: tuple[str, str | None, dict[str, Any]] | None = None
         self.emit = _Emitter(self.run_id, broker, last_seq)
         self.history = thread_messages(thread.get("values"))
@@ -181,6 +184,8 @@ class RunExecution:
         started = time.perf_counter()
         try:
             result = await loop.execute()
+        except LeaseLost:
+            raise  # another worker has the run now: nothing more is written from here
         except asyncio.CancelledError:
             if not saved and not self.saved_any:
                 # Cancelled before its first step was saved (a newer run interrupted it, a
@@ -217,6 +222,7 @@ class RunExecution:
             next_nodes=[] if state.status != "running" else ["agent"],
             events=self.emit.take(),
             end=end,
+            lease_token=self.lease_token,
         )
         if end is None or self.unsaved_final:
             write.values, write.parent_id = self.values(state), self.parent
@@ -229,9 +235,10 @@ class RunExecution:
         if error is not None:
             self.emit("error", {"error": reason or "RunError", "message": error})
         write = self.step_write(
-            self.state, (status, error, "error" if status == "error" else "idle")
+            self.state, (status, error, THREAD_STATUS_AFTER.get(status, "idle"))
         )
         final = await self.db.steps.write(write) or status
+        self.others_waiting = write.others_waiting
         self.outcome = (final, error, write.values or self.values(self.state))
 
     # --- core events → LangGraph stream parts -------------------------------------------

@@ -1,28 +1,50 @@
-"""The in-process worker pool: takes queued runs, executes them, and on start-up resumes the
-runs a previous process left queued or running (nothing is silently dropped).
+"""The worker pool: takes queued runs and executes them.
 
+SQLite (one process): runs submitted by the API wait in memory, and at start-up the runs a
+previous process left queued or running are resumed (nothing is silently dropped).
 Scheduling is fair across tenants: each tenant has its own queue, and free slots go to the
 tenants in turn (round robin), so one tenant's backlog never holds back another's runs. A
 tenant may also be capped in runs executing at once (``tenant_max_running``); its other runs
 wait in its queue.
+
+PostgreSQL (any number of processes): the runs table is the queue. A fresh run submitted by
+the API of this process starts here at once when a slot is free; otherwise it waits in the
+table, and every worker with free slots claims the next runs (fair across tenants, capped per
+tenant, ``FOR UPDATE SKIP LOCKED``) when woken by a ``queued`` signal, when one of its runs
+ends, or every ``poll_s``. A claim is a lease renewed every third of ``lease_s``; each step
+write carries the lease's fencing token; a worker that loses a lease stops that run without
+writing; expired leases are swept back into the queue by whichever worker looks first, and
+the next claim resumes the run from its last stored step. See docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
+import time
+import uuid
 from collections import deque
 from typing import Any
 
 import structlog
 
+from nimbus.exceptions import LeaseLost
 from nimbus.server.agents import AgentFactory
 from nimbus.server.broker import RunBroker
+from nimbus.server.bus import Bus
 from nimbus.server.executor import RunExecution
+from nimbus.server.feed import FeedPublisher
 from nimbus.server.metrics import METRICS
 from nimbus.store.database import Database
+from nimbus.store.db import unavailable
+from nimbus.store.writer import StepWrite
 
 log = structlog.get_logger("nimbus.worker")
+ATTEMPT_STRIDE = 1 << 20  # event numbers of attempt n start above (n - 1) * this
+CLAIM_BATCH = 100  # runs claimed at most per statement
+NO_CAP = 1 << 30
 
 
 class Completion:
@@ -48,10 +70,29 @@ class WorkerPool:
         agents: AgentFactory,
         concurrency: int = 256,
         tenant_max_running: int | None = None,
+        *,
+        bus: Bus | None = None,
+        lease_s: float = 30.0,
+        poll_s: float = 1.0,
     ) -> None:
         self.db, self.broker, self.agents = db, broker, agents
         self.concurrency = concurrency
         self.tenant_max_running = tenant_max_running or concurrency
+        self.shared = db.fast is not None  # PostgreSQL: the queue is shared, claims are leases
+        self.bus = bus
+        self.lease_s, self.poll_s = lease_s, poll_s
+        self.owner = f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.feed = FeedPublisher(bus, broker) if bus is not None and self.shared else None
+        if self.shared:
+            db.steps.outage_s = lease_s  # a step write waits out a database outage this long
+        self._held: dict[str, int] = {}  # run id → fencing token of our lease
+        self._claiming: set[str] = set()  # submitted here, not claimed yet: not for the poller
+        self._gone: dict[str, float] = {}  # runs whose task here ended without their end
+        self._lost: set[str] = set()  # runs whose lease we lost: stop, write nothing
+        self._executions: dict[str, RunExecution] = {}
+        self._wake = asyncio.Event()
+        self._loops: list[asyncio.Task[None]] = []
+        self._renewed = time.monotonic()
         self._queues: dict[str, deque[str]] = {}  # per tenant, in submission order
         self._turn: deque[str] = deque()  # tenants with queued runs, next one first
         self._running: dict[str, int] = {}  # per tenant
@@ -64,6 +105,18 @@ class WorkerPool:
     async def start(self) -> None:
         """Start taking runs, first those an earlier process left unfinished."""
         self._accepting = True
+        if self.shared:
+            if self.bus is not None:
+                await self.bus.listen("queued", self._on_queued)
+                await self.bus.listen("cancel", self._on_cancel)
+                self.bus.on_reconnect.append(self._wake.set)
+            if self.feed is not None:
+                await self.feed.start()
+            self._loops = [
+                asyncio.create_task(self._poll_loop(), name="nimbus-queue-poller"),
+                asyncio.create_task(self._lease_loop(), name="nimbus-lease-keeper"),
+            ]
+            return
         for run in await self.db.runs.unfinished():
             log.info("run.recovered", run_id=run["run_id"], status=run["status"])
             self.submit(run)
@@ -71,6 +124,9 @@ class WorkerPool:
     def submit(self, run: dict[str, Any], assistant: dict[str, Any] | None = None) -> None:
         """Queue a run (already stored as pending). ``run`` is its row; ``assistant``, read
         by the request that made it, spares the worker reading it again."""
+        if self.shared:
+            self._submit_shared(run, assistant)
+            return
         run_id, tenant = run["run_id"], run["tenant_id"]
         self.broker.open(run_id)
         self._done.setdefault(run_id, Completion())
@@ -82,9 +138,124 @@ class WorkerPool:
         queue.append(run_id)
         self._dispatch()
 
-    def queued(self, tenant_id: str) -> int:
-        """How many runs of the tenant wait for a slot here."""
+    async def queued(self, tenant_id: str) -> int:
+        """How many runs of the tenant wait for a slot (PostgreSQL: in the shared queue)."""
+        if self.db.fast is not None:
+            return await self.db.fast.pending(tenant_id)
         return len(self._queues.get(tenant_id, ()))
+
+    # --- PostgreSQL: the shared queue -----------------------------------------------------
+    def _submit_shared(self, run: dict[str, Any], assistant: dict[str, Any] | None) -> None:
+        run_id, tenant = run["run_id"], run["tenant_id"]
+        if (
+            self._accepting
+            and len(self._tasks) < self.concurrency
+            and self._running.get(tenant, 0) < self.tenant_max_running
+        ):
+            self.broker.open(run_id)
+            self._done.setdefault(run_id, Completion())
+            if assistant is not None:
+                self._given[run_id] = (run, assistant)
+            self._claiming.add(run_id)
+            self._start_task(run_id, tenant, None)
+        elif self.bus is not None:
+            self.bus.publish("queued", {})  # for any worker with a free slot
+            self._wake.set()
+
+    def _start_task(
+        self,
+        run_id: str,
+        tenant: str,
+        claimed: tuple[dict[str, Any], Any] | None,
+        after: asyncio.Task[None] | None = None,
+    ) -> None:
+        self._running[tenant] = self._running.get(tenant, 0) + 1
+        self._tasks[run_id] = asyncio.create_task(self._run(run_id, tenant, claimed, after))
+
+    def _on_queued(self, _message: dict[str, Any]) -> None:
+        self._wake.set()
+
+    def _on_cancel(self, message: dict[str, Any]) -> None:
+        run_id = message.get("run")
+        if isinstance(run_id, str):
+            self.cancel(run_id)
+
+    async def _poll_loop(self) -> None:
+        """Claim waiting runs while there are free slots."""
+        fast = self.db.fast
+        assert fast is not None
+        cap = self.tenant_max_running if self.tenant_max_running < self.concurrency else NO_CAP
+        while self._accepting:
+            free = self.concurrency - len(self._tasks)
+            full_batch = False
+            if free > 0:
+                try:
+                    claimed = await fast.claim_next(
+                        self.owner, min(free, CLAIM_BATCH), self.lease_s, cap, self._claiming
+                    )
+                except Exception as exc:  # the database is away: try again later
+                    log.warning("worker.claim_failed", error=str(exc))
+                    claimed = []
+                for run, thread in claimed:
+                    run_id = run["run_id"]
+                    earlier = self._tasks.get(run_id)
+                    if earlier is not None:
+                        # ours, but we had lost its lease (we stalled past it): that task
+                        # stops without writing; this one resumes the run once it has
+                        self._lose(run_id)
+                        self._start_task(run_id, run["tenant_id"], (run, thread), earlier)
+                        continue
+                    self.broker.open(run_id)
+                    self._done.setdefault(run_id, Completion())
+                    self._start_task(run_id, run["tenant_id"], (run, thread))
+                full_batch = len(claimed) == min(free, CLAIM_BATCH)
+            if full_batch:
+                continue  # there may be more
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_s)
+            self._wake.clear()
+
+    async def _lease_loop(self) -> None:
+        """Renew our leases, stop runs whose lease we lost or that were cancelled elsewhere,
+        and sweep expired leases (of crashed or stuck workers) back into the queue."""
+        fast = self.db.fast
+        assert fast is not None
+        tick = self.lease_s / 3
+        while self._accepting:
+            await asyncio.sleep(tick)
+            held = dict(self._held)
+            try:
+                if held:
+                    alive = await fast.renew(self.owner, held, self.lease_s)
+                    self._renewed = time.monotonic()
+                    for run_id in held:
+                        status = alive.get(run_id)
+                        if status is None:
+                            self._lose(run_id)
+                        elif status == "interrupted":
+                            self.cancel(run_id)  # cancelled on another replica
+                else:
+                    self._renewed = time.monotonic()
+                swept = await fast.sweep()
+                METRICS.queue_depth.set(await fast.pending())
+            except Exception as exc:
+                log.warning("worker.lease_renewal_failed", error=str(exc))
+                if time.monotonic() - self._renewed > self.lease_s:
+                    for run_id in held:  # expired by now: another worker may take them
+                        self._lose(run_id)
+                continue
+            for run_id, status in swept:
+                log.warning("run.lease_expired", run_id=run_id, status=status)
+            if any(status == "pending" for _, status in swept):
+                self._wake.set()
+                if self.bus is not None:
+                    self.bus.publish("queued", {})
+
+    def _lose(self, run_id: str) -> None:
+        if run_id in self._held and run_id not in self._lost:
+            log.warning("run.lease_lost", run_id=run_id)
+            self._lost.add(run_id)
+            self.cancel(run_id)
 
     def _dispatch(self) -> None:
         """Start queued runs while there are free slots, one tenant after another."""
@@ -105,15 +276,40 @@ class WorkerPool:
             self._tasks[run_id] = asyncio.create_task(self._run(run_id, tenant))
         METRICS.queue_depth.set(sum(len(q) for q in self._queues.values()))
 
-    async def _run(self, run_id: str, tenant: str) -> None:
+    async def _run(
+        self,
+        run_id: str,
+        tenant: str,
+        claimed: tuple[dict[str, Any], Any] | None = None,
+        after: asyncio.Task[None] | None = None,
+    ) -> None:
         try:
-            await self._execute(run_id)
+            if after is not None:
+                await asyncio.wait([after])
+                self.broker.open(run_id)
+                self._done.setdefault(run_id, Completion())
+            await self._execute(run_id, claimed)
         finally:
-            self._tasks.pop(run_id, None)
+            if self._tasks.get(run_id) is asyncio.current_task():
+                del self._tasks[run_id]
             self._running[tenant] -= 1
             if not self._running[tenant]:
                 del self._running[tenant]
-            self._dispatch()
+            if self.shared:
+                self._wake.set()  # a free slot: look at the queue
+            else:
+                self._dispatch()
+
+    def _note_gone(self, run_id: str) -> None:
+        now = time.monotonic()
+        if len(self._gone) > 10_000:
+            self._gone = {k: t for k, t in self._gone.items() if now - t < 60}
+        self._gone[run_id] = now
+
+    def gone(self, run_id: str) -> bool:
+        """Whether ``run_id``'s task here ended without running it to its end: it was not
+        claimable here, it failed, or its lease was lost (it may go on elsewhere)."""
+        return run_id in self._gone
 
     def done_event(self, run_id: str) -> Completion | None:
         """Set when ``run_id`` finishes in this process (None if it is not here)."""
@@ -127,12 +323,21 @@ class WorkerPool:
         task.cancel()
         return True
 
-    async def _execute(self, run_id: str) -> None:
+    def cancel_everywhere(self, run_id: str) -> None:
+        """Stop a run (already marked interrupted in the database) wherever it executes."""
+        if not self.cancel(run_id) and self.bus is not None:
+            self.bus.publish("cancel", {"run": run_id})
+
+    async def _execute(self, run_id: str, claimed: tuple[dict[str, Any], Any] | None) -> None:
         METRICS.running.inc()
         outcome = None
+        ended = False
         try:
             given = self._given.pop(run_id, None)
-            run = given[0] if given else await self.db.runs.get_any(run_id)
+            if claimed is not None:
+                run: dict[str, Any] | None = claimed[0]
+            else:
+                run = given[0] if given else await self.db.runs.get_any(run_id)
             if run is None:
                 return
             # Runs of one thread go one at a time, in the order they were queued (enqueue).
@@ -140,17 +345,32 @@ class WorkerPool:
             lock = self._thread_locks.setdefault(key, asyncio.Lock())
             try:
                 async with lock:
-                    outcome = await self._attempt(run_id, given[1] if given else None)
+                    outcome = await self._attempt(run_id, given[1] if given else None, claimed)
+                    ended = outcome is not None
             finally:
                 if not lock.locked() and not getattr(lock, "_waiters", None):
                     self._thread_locks.pop(key, None)
+        except LeaseLost:
+            log.warning("run.lease_lost", run_id=run_id)  # another worker resumes it
         except asyncio.CancelledError:
-            await self._interrupted(run_id)
-        except Exception:
+            if run_id not in self._lost:
+                ended = await self._safely(self._interrupted(run_id), run_id)
+        except Exception as exc:
+            if self.shared and unavailable(exc):
+                # Its step could not be stored for a whole lease: the run stays where it is,
+                # and whichever worker claims it once the lease has expired resumes it.
+                log.warning("run.suspended_database_unavailable", run_id=run_id, error=str(exc))
+                return
             log.exception("run.crashed", run_id=run_id)
-            await self._crashed(run_id)
+            ended = await self._safely(self._crashed(run_id), run_id)
         finally:
             METRICS.running.dec()
+            self._executions.pop(run_id, None)
+            self._lost.discard(run_id)
+            if self._held.pop(run_id, None) is not None and self.feed is not None:
+                self.feed.released(run_id, ended)
+            if outcome is None:
+                self._note_gone(run_id)
             self.broker.close(run_id)
             done = self._done.pop(run_id, None)
             if done is not None:
@@ -158,67 +378,148 @@ class WorkerPool:
                 done.event.set()
 
     async def _attempt(
-        self, run_id: str, assistant: dict[str, Any] | None
+        self,
+        run_id: str,
+        assistant: dict[str, Any] | None,
+        claimed: tuple[dict[str, Any], Any] | None,
     ) -> tuple[str, str | None, dict[str, Any]] | None:
-        claimed = await self.db.runs.claim(run_id)
         if claimed is None:
-            return None  # cancelled or finished meanwhile
+            try:
+                claimed = await self.db.runs.claim(run_id, self.owner, self.lease_s)
+            finally:
+                self._claiming.discard(run_id)
+        if claimed is None:
+            return None  # cancelled, finished or taken meanwhile, or its thread is busy
         run, thread = claimed
+        if self.shared:
+            self._held[run_id] = run["lease_token"]
+            if self.feed is not None:
+                self.feed.held(run_id, run["lease_token"])
         if assistant is None:
             assistant = await self.db.assistants.get(run["tenant_id"], run["assistant_id"])
         if assistant is None or thread is None:
             await self._fail(run, "the run's assistant or thread was deleted")
             return None
-        # Only an earlier attempt can have stored events.
-        last_seq = await self.db.runs.last_seq(run_id) if run["attempts"] > 1 else -1
+        # Only an earlier attempt can have stored events. Each attempt numbers its events
+        # above every number an earlier one may have streamed (stored or not): a client that
+        # resumes a stream with Last-Event-ID misses none of the new attempt's events.
+        last_seq = -1
+        if run["attempts"] > 1:
+            stored = await self.db.runs.last_seq(run_id)
+            last_seq = max(stored, (run["attempts"] - 1) * ATTEMPT_STRIDE - 1)
         execution = RunExecution(
             self.db, self.broker, self.agents, run, assistant, thread, last_seq
         )
+        self._executions[run_id] = execution
         structlog.contextvars.bind_contextvars(run_id=run_id, tenant=run["tenant_id"])
         try:
             status = await execution.execute()
         finally:
             structlog.contextvars.unbind_contextvars("run_id", "tenant")
         log.info("run.finished", run_id=run_id, status=status)
+        self._wake_waiting(execution)
         return execution.outcome
 
-    async def _fail(self, run: dict[str, Any], message: str) -> None:
-        from nimbus.store.runs import RunStore
-        from nimbus.store.threads import ThreadStore
+    @staticmethod
+    async def _safely(ending: Any, run_id: str) -> bool:
+        """Write a run's end after a failure; a failure of that is logged, not raised (the
+        run stays active: a restart or the sweeper takes it up again)."""
+        try:
+            return bool(await ending)
+        except LeaseLost:
+            return False
+        except Exception as exc:
+            if unavailable(exc):
+                log.warning("run.end_not_written", run_id=run_id, error=str(exc))
+            else:
+                log.exception("run.end_not_written", run_id=run_id)
+            return False
 
-        async with self.db.engine.begin() as conn:
-            await RunStore.update_in(conn, run["run_id"], status="error", error=message)
-            await ThreadStore.set_status(conn, run["tenant_id"], run["thread_id"], "error")
+    def _wake_waiting(self, execution: RunExecution) -> None:
+        """After a run's end: another run of its thread may start now, here or elsewhere."""
+        if execution.others_waiting and self.bus is not None:
+            self.bus.publish("queued", {})
 
-    async def _interrupted(self, run_id: str) -> None:
-        from nimbus.store.runs import RunStore
-        from nimbus.store.threads import ThreadStore
+    async def _fail(self, run: dict[str, Any], message: str) -> bool:
+        return await self._end(run, "error", message)
 
+    async def _end(self, run: dict[str, Any], status: str, error: str | None) -> bool:
+        """Write the end of a run of ours (fenced by our lease on PostgreSQL); returns
+        whether it was written."""
+        run_id = run["run_id"]
+        execution = self._executions.get(run_id)
+        if execution is not None:  # with its state and events so far
+            await execution.finish(status, error, "error" if error else None)
+            self._wake_waiting(execution)
+            return True
+        if self.shared and run_id not in self._held:
+            return False  # not claimed by us: not ours to end
+        write = StepWrite(
+            run["tenant_id"],
+            run_id,
+            run["thread_id"],
+            run.get("state"),
+            end=(status, error, "error" if status == "error" else status),
+            lease_token=self._held.get(run_id, 0),
+        )
+        await self.db.steps.write(write)
+        if write.others_waiting and self.bus is not None:
+            self.bus.publish("queued", {})
+        return True
+
+    async def _interrupted(self, run_id: str) -> bool:
+        """A run's task was cancelled: it was cancelled (or interrupted by a newer run), or
+        the pool is stopping. Returns whether its end was written."""
         if not self._accepting:
-            return  # shutting down: leave it running/pending so the next start resumes it
+            return False  # stopping: left for the next start (SQLite) or handed back (stop)
         run = await self.db.runs.get_any(run_id)
-        if run is None:
-            return
-        async with self.db.engine.begin() as conn:
-            await RunStore.update_in(conn, run_id, status="interrupted")
-            tenant, thread = run["tenant_id"], run["thread_id"]
-            if not await RunStore.has_other_active(conn, tenant, thread, run_id):
-                await ThreadStore.set_status(conn, tenant, thread, "interrupted")
+        return run is not None and await self._end(run, "interrupted", None)
 
-    async def _crashed(self, run_id: str) -> None:
+    async def _crashed(self, run_id: str) -> bool:
         run = await self.db.runs.get_any(run_id)
         if run is not None:
-            await self._fail(run, "internal error while running (see server logs)")
+            return await self._fail(run, "internal error while running (see server logs)")
+        return False
 
     async def stop(self, grace_s: float = 10.0) -> None:
-        """Stop taking runs; let running ones finish within ``grace_s``, then cancel them
-        (they stay queued in the database and resume at the next start)."""
+        """Stop taking runs; let running ones finish within ``grace_s``, then cancel them:
+        they stay queued in the database and resume at the next start (SQLite) or are handed
+        back to the queue for another worker (PostgreSQL)."""
         self._accepting = False  # queued runs stay pending in the database
+        self._wake.set()
+        for loop in self._loops:
+            loop.cancel()
         running = [t for t in self._tasks.values() if not t.done()]
         if running:
+            keeper = None
+            if self.shared:  # keep our leases while the runs finish
+                keeper = asyncio.create_task(self._keep_leases())
             _, pending = await asyncio.wait(running, timeout=grace_s)
+            held = [run_id for run_id, t in self._tasks.items() if t in pending]
             for task in pending:
                 task.cancel()
             for task in pending:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            if keeper is not None:
+                keeper.cancel()
+            if held and self.db.fast is not None:
+                with contextlib.suppress(Exception):
+                    back = await self.db.fast.hand_back(self.owner, held)
+                    log.info("worker.handed_back", runs=len(back))
+                    if back and self.bus is not None:
+                        self.bus.publish("queued", {})
+        for loop in self._loops:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await loop
+        if self.bus is not None and self.shared:
+            await self.bus.unlisten("queued", self._on_queued)
+            await self.bus.unlisten("cancel", self._on_cancel)
+
+    async def _keep_leases(self) -> None:
+        fast = self.db.fast
+        assert fast is not None
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            with contextlib.suppress(Exception):
+                await fast.renew(self.owner, dict(self._held), self.lease_s)

@@ -12,7 +12,6 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
-from nimbus.server.broker import StreamEvent
 from nimbus.server.deps import Caller, Services, Svc
 from nimbus.server.executor import final_answer
 from nimbus.server.openai_facade import (
@@ -25,7 +24,7 @@ from nimbus.server.openai_facade import (
     run_failed,
     usage_of,
 )
-from nimbus.server.routes.runs import create_run, wait_for
+from nimbus.server.routes.runs import create_run, run_events, wait_for
 from nimbus.server.schemas import RunCreate, StreamMode
 from nimbus.store.keys import Principal
 
@@ -112,7 +111,10 @@ class RunText:
         self.deltas: AsyncGenerator[str, None] = self._deltas()
 
     async def _deltas(self) -> AsyncGenerator[str, None]:
-        async for _, name, data in _run_events(self.svc, self.run["run_id"]):
+        async for event in run_events(self.svc, self.run["run_id"], -1):
+            if event is None:
+                continue
+            _, name, data = event
             if name != "messages" or not isinstance(data, list) or not data:
                 continue
             message = data[0]
@@ -120,21 +122,6 @@ class RunText:
             if message.get("type") == "AIMessageChunk" and isinstance(content, str) and content:
                 yield content
         self.final = await wait_for(self.svc, self.run)
-
-
-async def _run_events(svc: Services, run_id: str) -> AsyncIterator[StreamEvent]:
-    """Every event of a run, stored then live, until it ends (as ``runs.events``, unframed)."""
-    last = -1
-    for event in await svc.db.runs.events(run_id, last):
-        last = event[0]
-        yield event
-    if svc.broker.is_live(run_id):
-        async for live in svc.broker.subscribe(run_id, last):
-            if live is not None:  # None only comes with an idle timeout, not asked for here
-                last = live[0]
-                yield live
-    for event in await svc.db.runs.events(run_id, last):
-        yield event
 
 
 def _data(obj: Any) -> bytes:
@@ -180,7 +167,7 @@ async def _discard(svc: Services, run: dict[str, Any], text: RunText | None) -> 
             await text.deltas.aclose()
         if await svc.db.runs.status(run["run_id"]) in ACTIVE:
             await svc.db.runs.cancel(run["tenant_id"], run["run_id"], None, "interrupt")
-            svc.pool.cancel(run["run_id"])
+            svc.pool.cancel_everywhere(run["run_id"])
         await wait_for(svc, run)
         await svc.db.threads.delete(run["tenant_id"], run["thread_id"])
 

@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Send
 
 from nimbus.server.agents import GRAPHS
+from nimbus.server.broker import StreamEvent
 from nimbus.server.deps import Caller, Services, Svc
 from nimbus.server.errors import APIError, not_found
 from nimbus.server.executor import stream_modes
@@ -22,6 +23,7 @@ from nimbus.server.langgraph import input_messages
 from nimbus.server.routes.threads import get_thread
 from nimbus.server.schemas import RunCreate
 from nimbus.store.keys import Principal
+from nimbus.store.runs import ACTIVE
 
 router = APIRouter(tags=["runs"])
 
@@ -99,7 +101,7 @@ async def create_run(
         raise not_found("assistant", body.assistant_id)
     input_messages(body.input)  # a malformed input is a 422 now, not a failed run later
     cap = svc.settings.tenant_max_queued
-    if cap is not None and svc.pool.queued(caller.tenant_id) >= cap:
+    if cap is not None and await svc.pool.queued(caller.tenant_id) >= cap:
         raise APIError(
             429,
             f"{cap} runs of this tenant are already waiting to start; retry later",
@@ -135,38 +137,50 @@ async def create_run(
     if run.get("replayed"):
         return run
     for interrupted in run.pop("interrupted_runs", ()):
-        svc.pool.cancel(interrupted)
+        svc.pool.cancel_everywhere(interrupted)
     svc.pool.submit(run, assistant)
     return run
 
 
-async def events(
-    svc: Services, run_id: str, modes: set[str], after: int, fresh: bool = False
-) -> AsyncIterator[bytes]:
-    """SSE frames of a run: stored events after ``after``, then live ones until it ends.
+async def run_events(
+    svc: Services, run_id: str, after: int, idle_s: float | None = None, fresh: bool = False
+) -> AsyncIterator[StreamEvent | None]:
+    """A run's events after ``after``: the stored ones, then live ones until it ends, from
+    this process or, on PostgreSQL, from the worker executing it elsewhere; with ``idle_s``,
+    ``None`` after each ``idle_s`` seconds without one.
 
     A ``fresh`` run (queued by this request) has no stored events yet; a run followed live to
     its end has had every event delivered: neither needs the database.
     """
     last = after
     if not (fresh and svc.broker.is_live(run_id)):
-        for seq, name, data in await svc.db.runs.events(run_id, after):
-            last = seq
-            if frame := _frame(seq, name, data, modes):
-                yield frame
+        for event in await svc.db.runs.events(run_id, after):
+            last = event[0]
+            yield event
     if svc.broker.is_live(run_id):
-        idle_s = svc.settings.sse_heartbeat_s or None
-        async for event in svc.broker.subscribe(run_id, last, idle_s):
-            if event is None:  # quiet for a while: keep proxies and clients from timing out
-                yield HEARTBEAT
-                continue
-            seq, name, data = event
-            last = seq
-            if frame := _frame(seq, name, data, modes):
-                yield frame
+        async for live in svc.broker.subscribe(run_id, last, idle_s):
+            if live is not None:
+                last = live[0]
+            yield live
+        if not svc.pool.gone(run_id):
+            return  # it ended here: every event was delivered
+    if svc.follower is not None and not await svc.db.runs.ended(run_id):
+        async for remote in svc.follower.follow(run_id, last, idle_s):
+            yield remote
         return
-    for seq, name, data in await svc.db.runs.events(run_id, last):
-        if frame := _frame(seq, name, data, modes):
+    for event in await svc.db.runs.events(run_id, last):
+        yield event
+
+
+async def events(
+    svc: Services, run_id: str, modes: set[str], after: int, fresh: bool = False
+) -> AsyncIterator[bytes]:
+    """SSE frames of a run (see :func:`run_events`), with heartbeats while it is quiet."""
+    idle_s = svc.settings.sse_heartbeat_s or None
+    async for event in run_events(svc, run_id, after, idle_s, fresh):
+        if event is None:  # quiet for a while: keep proxies and clients from timing out
+            yield HEARTBEAT
+        elif frame := _frame(*event, modes):
             yield frame
 
 
@@ -202,7 +216,7 @@ def _sse(
                 # first await below would be cancelled too, and the run would go on.
                 with anyio.CancelScope(shield=True):
                     await svc.db.runs.cancel(run["tenant_id"], run["run_id"], None, "interrupt")
-                svc.pool.cancel(run["run_id"])
+                svc.pool.cancel_everywhere(run["run_id"])
 
     headers = {"Content-Location": location, "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
     if resumable:  # the client reconnects to Location with Last-Event-ID when the stream breaks
@@ -230,10 +244,12 @@ async def wait_for(svc: Services, run: dict[str, Any]) -> dict[str, Any]:
     done = svc.pool.done_event(run["run_id"])
     if done is not None:
         await done.wait()
-    else:
-        # A run of another process: poll (cross-process signals come with #4).
-        while await svc.db.runs.status(run["run_id"]) in ("pending", "running"):  # noqa: ASYNC110
-            await asyncio.sleep(0.2)
+    if done is None or done.outcome is None:  # it ran (or runs) elsewhere, or not at all
+        if svc.follower is not None:
+            await svc.follower.wait(run["run_id"])
+        else:
+            while await svc.db.runs.status(run["run_id"]) in ACTIVE:  # noqa: ASYNC110
+                await asyncio.sleep(0.2)
     final = await svc.db.runs.get(run["tenant_id"], run["run_id"])
     return final or run
 
@@ -403,7 +419,7 @@ async def cancel_run(
     """Cancel an active run (``action`` interrupt or rollback)."""
     run = await _get_run(svc, caller.tenant_id, run_id, thread_id)
     await svc.db.runs.cancel(caller.tenant_id, run_id, thread_id, action)
-    svc.pool.cancel(run_id)
+    svc.pool.cancel_everywhere(run_id)
     if wait:
         await wait_for(svc, run)
     return Response(status_code=202 if not wait else 204)
@@ -473,6 +489,18 @@ async def wait_stateless_run(
     values = await _final_values(svc, run)
     await _finish_stateless(svc, run)
     return values
+
+
+@router.get("/runs/{run_id}/attempts")
+async def run_attempts(run_id: str, svc: Svc, caller: Caller) -> list[dict[str, Any]]:
+    """The attempts at a run (a Nimbus extension): ``attempt`` (1, 2, …), the ``worker`` that
+    claimed it (host:pid:id) and when (``claimed_at``). More than one means a worker stopped
+    mid-run (a crash, a lost lease or a shutdown) and another resumed it."""
+    await _get_run(svc, caller.tenant_id, run_id, None)
+    return [
+        {**a, "claimed_at": a["claimed_at"].isoformat()}
+        for a in await svc.db.runs.attempts(caller.tenant_id, run_id)
+    ]
 
 
 @router.get("/runs/{run_id}")

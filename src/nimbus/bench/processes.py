@@ -35,6 +35,15 @@ _PG_AUX = (
 # --- process CPU from /proc -------------------------------------------------------------
 
 
+def proc_rss_bytes(pid: int) -> int:
+    """Resident memory of process ``pid``, from /proc."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def proc_cpu_s(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` (all its threads), from /proc."""
     with open(f"/proc/{pid}/stat") as f:
@@ -197,17 +206,24 @@ class NimbusServer:
 
 @contextlib.contextmanager
 def nimbus_server(
-    database_url: str, model_base_url: str, cpu: int | None, workdir: Path
+    database_url: str,
+    model_base_url: str,
+    cpu: int | None,
+    workdir: Path,
+    command: tuple[str, ...] = ("serve",),
+    admin_key: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[NimbusServer]:
-    """Start ``python -m nimbus serve`` (logs at INFO, JSON, to a file) and wait until it listens.
+    """Start ``python -m nimbus serve`` (or ``command``, such as ``("worker",)``; logs at
+    INFO, JSON, to a file) and wait until it listens.
 
     It runs in ``workdir`` so that no ``.env`` file of the caller's directory is read.
     """
     port = free_port()
-    admin_key = "nmb_bench_" + secrets.token_hex(16)
+    admin_key = admin_key or "nmb_bench_" + secrets.token_hex(16)
     log = workdir / f"server-{port}.log"
     src = str(Path(__file__).resolve().parents[2])  # the child imports this very package
-    env = {
+    environment = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p),
         "NIMBUS_DATABASE_URL": database_url,
@@ -216,10 +232,13 @@ def nimbus_server(
         "OPENAI_API_KEY": "bench",
         "NIMBUS_DEFAULT_MODEL": "openai:fake-model",
         "NIMBUS_MODEL_MAX_RETRIES": "0",
+        **(env or {}),
     }
-    cmd = [sys.executable, "-m", "nimbus", "serve", "--port", str(port), "--log-format", "json"]
+    cmd = [sys.executable, "-m", "nimbus", *command, "--port", str(port), "--log-format", "json"]
     with log.open("wb") as out:
-        process = subprocess.Popen(cmd, env=env, cwd=workdir, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            cmd, env=environment, cwd=workdir, stdout=out, stderr=subprocess.STDOUT
+        )
     server = NimbusServer(f"http://127.0.0.1:{port}", admin_key, process, log)
     try:
         if cpu is not None:

@@ -236,3 +236,72 @@ def server(
         sys.stdout.write(as_json(results, placement).decode() + "\n")
     if any(r.errors for r in results):
         raise typer.Exit(1)
+
+
+@bench_app.command("scale")
+def scale(
+    workers: Annotated[
+        str, typer.Option(help="Comma-separated numbers of worker processes.")
+    ] = "1,2",
+    concurrency: Annotated[
+        str,
+        typer.Option("--concurrency", "-c", help="Comma-separated runs in flight per worker."),
+    ] = "100,500,2000",
+    latency_s: Annotated[
+        float, typer.Option(min=0.01, help="Fake model latency per call, in seconds.")
+    ] = 2.0,
+    warmup_s: Annotated[float, typer.Option(min=0, help="Seconds before measuring.")] = 10.0,
+    window_s: Annotated[float, typer.Option(min=1, help="Seconds measured per cell.")] = 20.0,
+    postgres_url: Annotated[
+        str | None,
+        typer.Option(
+            help="PostgreSQL server to create the bench databases on "
+            "(default NIMBUS_TEST_POSTGRES_URL, else postgresql://postgres@127.0.0.1:5432/postgres)."
+        ),
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print figures as JSON.")] = False,
+) -> None:
+    """Runs in flight per worker process: 1 API + N workers on PostgreSQL, a fake model."""
+    from nimbus.bench.processes import DEFAULT_POSTGRES_URL, check_postgres
+    from nimbus.bench.scale import ScaleResult, as_json, bench_scale
+
+    counts = _int_list(workers, "--workers")
+    concurrencies = _int_list(concurrency, "--concurrency")
+    pg_url = postgres_url or os.environ.get("NIMBUS_TEST_POSTGRES_URL") or DEFAULT_POSTGRES_URL
+    check_postgres(pg_url)
+    console = Console(stderr=json_output, highlight=False, width=160)
+    console.print(
+        f"fake model: {latency_s:g} s/call, 2 calls/run; 1 API-only server + N workers; "
+        f"{warmup_s:g} s warm-up, {window_s:g} s measured per cell; ideal = N x C / (2 x latency)"
+    )
+    console.print(
+        f"{'N':>2}{'C/worker':>9}{'runs/s':>9}{'ideal':>8}{'effic.':>8}{'p50 s':>8}{'p99 s':>8}"
+        f"{'qwait p50':>10}{'qwait p99':>10}{'KiB/run':>14}{'RSS MB':>16}{'API ms':>8}"
+        f"{'wrk ms':>8}{'errors':>7}"
+    )
+
+    def report(r: ScaleResult) -> None:
+        kib = "/".join(f"{k:.0f}" for k in r.kib_per_run)
+        rss = "/".join(f"{m:.0f}" for m in r.rss_loaded_mb)
+        console.print(
+            f"{r.workers:>2}{r.concurrency:>9}{r.runs_per_s:>9.1f}{r.ideal_runs_per_s:>8.1f}"
+            f"{r.efficiency:>8.0%}{r.p50_s:>8.2f}{r.p99_s:>8.2f}{r.queue_wait_p50_ms:>10.1f}"
+            f"{r.queue_wait_p99_ms:>10.1f}{kib:>14}{rss:>16}{r.api_cpu_ms_per_run:>8.2f}"
+            f"{r.worker_cpu_ms_per_run:>8.2f}{r.errors:>7}"
+        )
+        for kind, count in r.error_kinds.items():
+            console.print(f"  {count} x {kind}", markup=False)
+
+    results = bench_scale(
+        workers=counts,
+        concurrencies=concurrencies,
+        latency_s=latency_s,
+        warmup_s=warmup_s,
+        window_s=window_s,
+        postgres_url=pg_url,
+        report=report,
+    )
+    if json_output:
+        sys.stdout.write(as_json(results).decode() + "\n")
+    if any(r.errors for r in results):
+        raise typer.Exit(1)

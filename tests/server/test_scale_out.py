@@ -8,86 +8,22 @@ model is the fake OpenAI server, which counts and records every call it gets.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from langgraph_sdk import get_client
 
 from nimbus.testing.fake_openai import FakeOpenAIServer
 from tests.postgres import Cluster
-from tests.server.conftest import ADMIN_KEY, LiveServer, live_server
-
-TOOLS_ENV = {"NIMBUS_TOOL_MODULES": '["nimbus.testing.tools"]'}
-
-
-def agent(tool: str) -> dict[str, Any]:
-    return {"configurable": {"model": "openai:fake-model", "tools": [tool]}}
-
-
-async def until(condition: Callable[[], Any], limit_s: float = 30.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
-
-
-@dataclass
-class Deployment:
-    """API replicas and workers on one database, started and stopped by the test."""
-
-    database_url: str
-    fake: FakeOpenAIServer
-    tmp: Path
-    env: dict[str, str]
-    stack: contextlib.AsyncExitStack
-    apis: list[LiveServer] = field(default_factory=list)
-    workers: list[LiveServer] = field(default_factory=list)
-
-    async def api(self) -> LiveServer:
-        server = await self.stack.enter_async_context(
-            live_server(self.database_url, self.fake, self.tmp, ("serve", "--api-only"), **self.env)
-        )
-        self.apis.append(server)
-        return server
-
-    async def worker(self, concurrency: int = 8) -> LiveServer:
-        command = ("worker", "--concurrency", str(concurrency))
-        server = await self.stack.enter_async_context(
-            live_server(self.database_url, self.fake, self.tmp, command, **self.env)
-        )
-        self.workers.append(server)
-        return server
-
-    async def holder(self, run_id: str) -> LiveServer:
-        """The worker process holding ``run_id``'s lease now."""
-        conn = await asyncpg.connect(self.database_url)
-        try:
-            owner = await conn.fetchval("SELECT lease_owner FROM runs WHERE run_id = $1", run_id)
-        finally:
-            await conn.close()
-        assert owner, f"nobody holds run {run_id}"
-        pid = int(owner.split(":")[1])
-        return next(w for w in self.workers if w.process.pid == pid)
-
-    async def sql(self, query: str, *args: Any) -> Any:
-        conn = await asyncpg.connect(self.database_url)
-        try:
-            return await conn.fetch(query, *args)
-        finally:
-            await conn.close()
-
-    def logs(self) -> str:
-        return "\n".join(s.logs() for s in [*self.apis, *self.workers])
+from tests.server.cluster import agent, deployment, until
+from tests.server.conftest import ADMIN_KEY, LiveServer
 
 
 @pytest.fixture(params=["notify", "redis"])
@@ -96,22 +32,6 @@ def signals(request: pytest.FixtureRequest) -> dict[str, str]:
     if request.param == "redis":
         return {"NIMBUS_REDIS_URL": request.getfixturevalue("redis_url")}
     return {}
-
-
-@contextlib.asynccontextmanager
-async def deployment(
-    database_url: str,
-    tmp: Path,
-    latency: float = 0.0,
-    tool: str = '{"expression": "6 * 7"}',
-    env: dict[str, str] | None = None,
-) -> AsyncIterator[Deployment]:
-    env = {**TOOLS_ENV, "NIMBUS_TEST_TOOL_LOG": str(tmp / "tools.log"), **(env or {})}
-    async with contextlib.AsyncExitStack() as stack:
-        fake = await stack.enter_async_context(
-            FakeOpenAIServer(tool_arguments=tool, latency=latency)
-        )
-        yield Deployment(database_url, fake, tmp, env, stack)
 
 
 def _tool_log(tmp: Path) -> list[str]:
@@ -499,3 +419,33 @@ def test_worker_and_api_only_refuse_sqlite(tmp_path: Path) -> None:
         )
         assert done.returncode != 0
         assert "PostgreSQL" in done.stderr and "Traceback" not in done.stderr
+
+
+async def test_a_stopping_worker_hands_its_runs_back_at_once(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """SIGTERM: the worker stops claiming, gives its runs the grace period, then hands them
+    back: another worker resumes them at once, not a lease time later."""
+    async with deployment(postgres_url, tmp_path, latency=6.0) as d:
+        d.env.update(NIMBUS_LEASE_TTL_S="60", NIMBUS_SHUTDOWN_GRACE_S="1")
+        api = await d.api()
+        await d.worker()
+        thread_id, run_id = await _start_run(api, agent("calculator"))
+        await until(lambda: d.fake.request_count == 1)
+        leaving = await d.holder(run_id)
+        await d.worker()  # the one that takes over
+        stopped = time.monotonic()
+        leaving.process.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(leaving.process.wait, 30)
+        assert code == 0, leaving.logs()
+        assert time.monotonic() - stopped < 10
+        assert '"event": "worker.handed_back"' in leaving.logs()
+        run, values = await _joined(api, thread_id, run_id)
+        # three model calls of 6 s after the hand-back at most, far from the 60 s lease
+        assert time.monotonic() - stopped < 45
+    assert run["status"] == "success"
+    assert [m["type"] for m in values["messages"]] == ["human", "ai", "tool", "ai"]
+    attempts = await d.sql(
+        "SELECT attempt, worker FROM run_attempts WHERE run_id = $1 ORDER BY attempt", run_id
+    )
+    assert len(attempts) == 2 and attempts[0]["worker"] != attempts[1]["worker"]

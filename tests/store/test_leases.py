@@ -196,6 +196,16 @@ async def test_renewal_tells_lost_and_cancelled_runs(db: Database) -> None:
     assert alive == {}  # lost: swept back into the queue
 
 
+async def test_renewal_tells_a_run_that_just_ended_from_a_lost_one(db: Database) -> None:
+    run = await _queue(db, "t1")
+    claimed = await db.runs.claim(run["run_id"], "w1", 30)
+    assert claimed is not None
+    token = claimed[0]["lease_token"]
+    await db.steps.write(_step(run, token, 1, end=("success", None, "idle")))
+    # the renewal raced with the end: the run is not lost, it is over
+    assert await _fast(db).renew("w1", {run["run_id"]: token}, 30) == {run["run_id"]: "ended"}
+
+
 async def test_an_interrupted_run_of_a_dead_worker_ends_and_frees_its_thread(
     db: Database,
 ) -> None:

@@ -224,8 +224,10 @@ def create_app(
         description="LangGraph-compatible agent server with an OpenAI-compatible facade.",
     )
     errors.install(app)
-    for module in (system, assistants, threads, runs, store, openai) if api else (system,):
-        app.include_router(module.router)
+    app.include_router(system.health)
+    if api:
+        for module in (system, assistants, threads, runs, store, openai):
+            app.include_router(module.router)
     app.add_middleware(Guard, max_body=settings.max_body_bytes)
     return app
 

@@ -150,6 +150,7 @@ class PgBus(Bus):
         self.pool = pool
         self._conn: asyncpg.Connection | None = None
         self._names: dict[str, str] = {}  # PostgreSQL channel → ours
+        self._lock = asyncio.Lock()  # one operation at a time on the listening connection
 
     async def _send(self, batch: list[tuple[str, bytes]]) -> None:
         await self.pool.execute(
@@ -166,14 +167,16 @@ class PgBus(Bus):
     async def _subscribe(self, channel: str) -> None:
         name = _pg_channel(channel)
         self._names[name] = channel
-        if self._conn is not None and not self._conn.is_closed():
-            await self._conn.add_listener(name, self._on_notify)
+        async with self._lock:
+            if self._conn is not None and not self._conn.is_closed():
+                await self._conn.add_listener(name, self._on_notify)
 
     async def _unsubscribe(self, channel: str) -> None:
         name = _pg_channel(channel)
         self._names.pop(name, None)
-        if self._conn is not None and not self._conn.is_closed():
-            await self._conn.remove_listener(name, self._on_notify)
+        async with self._lock:
+            if self._conn is not None and not self._conn.is_closed():
+                await self._conn.remove_listener(name, self._on_notify)
 
     async def _listener(self) -> None:
         failures = 0
@@ -190,10 +193,11 @@ class PgBus(Bus):
                 continue
             conn.add_termination_listener(_setter(lost))
             try:
-                for channel in list(self._handlers):
-                    await conn.add_listener(_pg_channel(channel), self._on_notify)
-                    self._names[_pg_channel(channel)] = channel
-                self._conn = conn
+                async with self._lock:
+                    for channel in list(self._handlers):
+                        await conn.add_listener(_pg_channel(channel), self._on_notify)
+                        self._names[_pg_channel(channel)] = channel
+                    self._conn = conn
                 if failures:
                     log.info("bus.reconnected")
                     self._reconnected()
@@ -203,7 +207,8 @@ class PgBus(Bus):
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(lost.wait(), 2.0)
                     if not lost.is_set():
-                        await conn.execute("SELECT 1", timeout=5)
+                        async with self._lock:
+                            await conn.execute("SELECT 1", timeout=5)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 log.warning("bus.disconnected", error=str(exc))
             finally:

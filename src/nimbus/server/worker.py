@@ -91,6 +91,7 @@ class WorkerPool:
         self._lost: set[str] = set()  # runs whose lease we lost: stop, write nothing
         self._executions: dict[str, RunExecution] = {}
         self._wake = asyncio.Event()
+        self._backlog = True  # runs may be waiting in the queue: look when a slot frees
         self._loops: list[asyncio.Task[None]] = []
         self._renewed = time.monotonic()
         self._queues: dict[str, deque[str]] = {}  # per tenant, in submission order
@@ -160,6 +161,7 @@ class WorkerPool:
             self._start_task(run_id, tenant, None)
         elif self.bus is not None:
             self.bus.publish("queued", {})  # for any worker with a free slot
+            self._backlog = True
             self._wake.set()
 
     def _start_task(
@@ -173,6 +175,7 @@ class WorkerPool:
         self._tasks[run_id] = asyncio.create_task(self._run(run_id, tenant, claimed, after))
 
     def _on_queued(self, _message: dict[str, Any]) -> None:
+        self._backlog = True
         self._wake.set()
 
     def _on_cancel(self, message: dict[str, Any]) -> None:
@@ -209,7 +212,7 @@ class WorkerPool:
                     self._done.setdefault(run_id, Completion())
                     self._start_task(run_id, run["tenant_id"], (run, thread))
                 full_batch = len(claimed) == min(free, CLAIM_BATCH)
-            if full_batch:
+                self._backlog = full_batch
                 continue  # there may be more
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_s)
@@ -247,6 +250,7 @@ class WorkerPool:
             for run_id, status in swept:
                 log.warning("run.lease_expired", run_id=run_id, status=status)
             if any(status == "pending" for _, status in swept):
+                self._backlog = True
                 self._wake.set()
                 if self.bus is not None:
                     self.bus.publish("queued", {})
@@ -296,7 +300,8 @@ class WorkerPool:
             if not self._running[tenant]:
                 del self._running[tenant]
             if self.shared:
-                self._wake.set()  # a free slot: look at the queue
+                if self._backlog:
+                    self._wake.set()  # a free slot, and runs may be waiting for one
             else:
                 self._dispatch()
 

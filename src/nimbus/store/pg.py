@@ -79,11 +79,14 @@ WITH cand AS (
 ),
 {_TAKE}
 """
+# A lease still held is extended; a run whose lease this worker gave up with its end (same
+# token, no owner) is reported too, so that it is not taken for lost.
 _RENEW = """
-UPDATE runs SET lease_expires_at = now() + make_interval(secs => $2)
+UPDATE runs SET lease_expires_at = CASE WHEN runs.lease_owner = $1
+    THEN now() + make_interval(secs => $2) ELSE runs.lease_expires_at END
 FROM unnest($3::text[], $4::bigint[]) AS h(run_id, token)
-WHERE runs.run_id = h.run_id AND runs.lease_token = h.token AND runs.lease_owner = $1
-RETURNING runs.run_id, runs.status
+WHERE runs.run_id = h.run_id AND runs.lease_token = h.token
+RETURNING runs.run_id, runs.status, runs.lease_owner IS NOT NULL AS held
 """
 # Give leases up: those that expired (the sweeper), or a worker's own (a graceful stop). A run
 # that was running goes back to the queue; one that was being interrupted ends interrupted,
@@ -214,10 +217,11 @@ class PgHotPath:
         return [_claimed(r) for r in rows]
 
     async def renew(self, owner: str, held: dict[str, int], lease_s: float) -> dict[str, str]:
-        """Extend ``owner``'s leases (run id → fencing token); returns the status of each run
-        whose lease it still holds (the others were lost)."""
+        """Extend ``owner``'s leases (run id → fencing token). Returns the status of each run
+        whose lease it still holds, and ``ended`` for those whose end it wrote meanwhile; the
+        runs left out were lost (taken over, or swept back into the queue)."""
         rows = await self.pool.fetch(_RENEW, owner, lease_s, list(held), list(held.values()))
-        return {r["run_id"]: r["status"] for r in rows}
+        return {r["run_id"]: r["status"] if r["held"] else "ended" for r in rows}
 
     async def sweep(self) -> list[tuple[str, str]]:
         """Release expired leases: their running runs go back to the queue. Returns (run id,

@@ -15,10 +15,11 @@ from nimbus.server.schemas import KeyCreate
 from nimbus.store.db import ping
 from nimbus.store.keys import OPERATOR_TENANT
 
+health = APIRouter(tags=["system"])  #: /ok, /info, /metrics: also served by a worker
 router = APIRouter(tags=["system"])
 
 
-@router.get("/ok")
+@health.get("/ok")
 async def ok(svc: Svc) -> dict[str, Any]:
     """Liveness and readiness: the database answers."""
     try:
@@ -29,7 +30,7 @@ async def ok(svc: Svc) -> dict[str, Any]:
     return {"ok": True}
 
 
-@router.get("/info")
+@health.get("/info")
 async def info() -> dict[str, Any]:
     """Server version and features."""
     return {
@@ -39,7 +40,7 @@ async def info() -> dict[str, Any]:
     }
 
 
-@router.get("/metrics")
+@health.get("/metrics")
 async def metrics() -> Response:
     """Prometheus metrics."""
     return Response(generate_latest(METRICS.registry), media_type=CONTENT_TYPE_LATEST)

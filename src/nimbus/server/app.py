@@ -196,7 +196,10 @@ def create_app(
             lease_s=settings.lease_ttl_s,
             poll_s=settings.poll_s,
         )
-        follower = FeedFollower(bus, db, settings.poll_s) if bus is not None else None
+        follower = None
+        if bus is not None and api:
+            follower = FeedFollower(bus, db, settings.poll_s)
+            await follower.start()
         app.state.services = Services(settings, db, broker, agents, pool, bus, follower)
         if workers:
             await pool.start()

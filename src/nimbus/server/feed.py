@@ -1,10 +1,11 @@
 """A run's live events across processes: a stream on one API replica of a run executing on a
 worker elsewhere.
 
-The follower (API side) listens on the run's channel, reads the stored events, then asks
-whoever executes the run to *watch* it (``watch``, with a nonce and the last event it has).
-The worker holding the run answers with a replay of the events it has after that one, then
-publishes each new event as it happens, and ``end`` once the run's end is stored. A worker
+The follower (API side) reads the stored events, then asks whoever executes the run to
+*watch* it (``watch``: the run, the last event it has, a nonce, and the follower process's
+own channel to answer on). The worker holding the run answers there with a replay of the
+events it has after that one, then publishes each new event as it happens, and ``end`` once
+the run's end is stored (only ``end`` for a follower that just waits for it). A worker
 that does not hold the run yet remembers the request for a while, in case it claims the run
 next. The follower delivers events in order, each once (by event number), and falls back to
 the database whenever the channel is quiet: stored events, the run's status, and a new
@@ -31,11 +32,6 @@ WATCH_MEMORY_S = 10.0  # how long a worker remembers a watch request for a run i
 BACKOFF = 8  # a quiet follower looks at the database at most every BACKOFF × poll_s
 
 
-def run_channel(run_id: str) -> str:
-    """The channel of one run's live events."""
-    return f"run.{run_id}"
-
-
 def _packed(events: list[StreamEvent], limit: int) -> list[list[list[Any]]]:
     """``events`` as lists of ``[seq, name, data]`` that fit in messages of ``limit`` bytes;
     an event too large for any message goes without its data (the follower reads it from
@@ -58,13 +54,14 @@ def _packed(events: list[StreamEvent], limit: int) -> list[list[list[Any]]]:
 
 
 class FeedPublisher:
-    """Worker side: publishes the events of the runs held here that somebody watches."""
+    """Worker side: publishes the events of the runs held here to the followers that watch
+    them (each follower process has a channel of its own)."""
 
     def __init__(self, bus: Bus, broker: RunBroker) -> None:
         self.bus, self.broker = bus, broker
         self._tokens: dict[str, int] = {}  # runs held here → lease token
-        self._watched: set[str] = set()
-        self._requests: dict[str, tuple[float, int, str]] = {}  # run → (until, after, nonce)
+        self._watchers: dict[str, dict[str, bool]] = {}  # run → {follower channel: all events}
+        self._requests: dict[str, list[tuple[float, dict[str, Any]]]] = {}  # not held yet
         broker.tap = self._on_event
 
     async def start(self) -> None:
@@ -74,60 +71,98 @@ class FeedPublisher:
     def held(self, run_id: str, token: int) -> None:
         """A run of this worker starts (``token``: its lease's fencing token)."""
         self._tokens[run_id] = token
-        request = self._requests.pop(run_id, None)
-        if request is not None and request[0] > time.monotonic():
-            self._watch(run_id, request[1], request[2])
+        now = time.monotonic()
+        for until, request in self._requests.pop(run_id, ()):
+            if until > now:
+                self._watch(run_id, request)
 
     def released(self, run_id: str, ended: bool) -> None:
         """The run stops here; ``ended``: its end is stored (followers may stop)."""
         token = self._tokens.pop(run_id, 0)
-        if run_id in self._watched:
-            self._watched.discard(run_id)
-            if ended:
-                self.bus.publish(run_channel(run_id), {"k": "end", "t": token})
+        watchers = self._watchers.pop(run_id, {})
+        if ended:
+            for to in watchers:
+                self.bus.publish(to, {"k": "end", "run": run_id, "t": token})
 
     def _on_watch(self, message: dict[str, Any]) -> None:
-        run_id, after, nonce = message.get("run"), message.get("after", -1), message.get("n")
-        if not isinstance(run_id, str) or not isinstance(after, int) or not isinstance(nonce, str):
+        run_id, after = message.get("run"), message.get("after", -1)
+        nonce, to = message.get("n"), message.get("to")
+        if not all(isinstance(v, str) for v in (run_id, nonce, to)) or not isinstance(after, int):
             return
+        assert isinstance(run_id, str)
         if run_id in self._tokens:
-            self._watch(run_id, after, nonce)
-        else:
+            self._watch(run_id, message)
+        else:  # perhaps ours in a moment (claimed next): remember it a while
             now = time.monotonic()
-            self._requests = {k: v for k, v in self._requests.items() if v[0] > now}
-            self._requests[run_id] = (now + WATCH_MEMORY_S, after, nonce)
+            if len(self._requests) > 10_000:
+                self._requests = {
+                    k: v for k, v in self._requests.items() if any(u > now for u, _ in v)
+                }
+            self._requests.setdefault(run_id, []).append((now + WATCH_MEMORY_S, message))
 
-    def _watch(self, run_id: str, after: int, nonce: str) -> None:
-        self._watched.add(run_id)
+    def _watch(self, run_id: str, request: dict[str, Any]) -> None:
+        to, every = request["to"], not request.get("end_only")
+        watchers = self._watchers.setdefault(run_id, {})
+        watchers[to] = watchers.get(to, False) or every
         token = self._tokens.get(run_id, 0)
-        backlog = [e for e in self.broker.events(run_id) if e[0] > after]
+        if not every:
+            self.bus.publish(to, {"k": "replay", "run": run_id, "n": request["n"], "t": token})
+            return
+        backlog = [e for e in self.broker.events(run_id) if e[0] > request["after"]]
         chunks = _packed(backlog, self.bus.max_payload)
-        channel = run_channel(run_id)
         for chunk in chunks[:-1]:
-            self.bus.publish(channel, {"k": "ev", "t": token, "ev": chunk})
-        self.bus.publish(channel, {"k": "replay", "n": nonce, "t": token, "ev": chunks[-1]})
+            self.bus.publish(to, {"k": "ev", "run": run_id, "t": token, "ev": chunk})
+        self.bus.publish(
+            to, {"k": "replay", "run": run_id, "n": request["n"], "t": token, "ev": chunks[-1]}
+        )
 
     def _on_event(self, run_id: str, event: StreamEvent) -> None:
-        if run_id in self._watched:
-            token = self._tokens.get(run_id, 0)
-            for chunk in _packed([event], self.bus.max_payload):
-                self.bus.publish(run_channel(run_id), {"k": "ev", "t": token, "ev": chunk})
+        watchers = self._watchers.get(run_id)
+        if not watchers:
+            return
+        token = self._tokens.get(run_id, 0)
+        chunks = _packed([event], self.bus.max_payload)
+        for to, every in watchers.items():
+            if every:
+                for chunk in chunks:
+                    self.bus.publish(to, {"k": "ev", "run": run_id, "t": token, "ev": chunk})
 
 
 class FeedFollower:
-    """API side: follows runs executing in other processes."""
+    """API side: follows runs executing in other processes. Workers answer on this process's
+    own channel, so following a run costs no subscription of its own."""
 
     def __init__(self, bus: Bus, db: Database, poll_s: float = 1.0) -> None:
         self.bus, self.db, self.poll_s = bus, db, poll_s
+        self.channel = f"feed.{uuid.uuid4().hex}"
+        self._inboxes: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
+
+    async def start(self) -> None:
+        """Listen on this process's channel."""
+        await self.bus.listen(self.channel, self._dispatch)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        for inbox in self._inboxes.get(message.get("run") or "", ()):
+            inbox.put_nowait(message)
+
+    def _open(self, run_id: str) -> asyncio.Queue[dict[str, Any]]:
+        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._inboxes.setdefault(run_id, set()).add(inbox)
+        return inbox
+
+    def _close(self, run_id: str, inbox: asyncio.Queue[dict[str, Any]]) -> None:
+        inboxes = self._inboxes.get(run_id)
+        if inboxes is not None:
+            inboxes.discard(inbox)
+            if not inboxes:
+                del self._inboxes[run_id]
 
     async def follow(
         self, run_id: str, after: int, idle_s: float | None
     ) -> AsyncIterator[StreamEvent | None]:
         """The events of ``run_id`` after ``after`` until it ends; ``None`` after every
         ``idle_s`` seconds without one (heartbeats)."""
-        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        channel = run_channel(run_id)
-        await self.bus.listen(channel, inbox.put_nowait)
+        inbox = self._open(run_id)
         try:
             last = after
             for event in await self.db.runs.events(run_id, last):
@@ -187,11 +222,14 @@ class FeedFollower:
                         quiet = 0.0
                         yield seq, name, data
         finally:
-            await self.bus.unlisten(channel, inbox.put_nowait)
+            self._close(run_id, inbox)
 
-    def _ask(self, run_id: str, after: int) -> str:
+    def _ask(self, run_id: str, after: int, end_only: bool = False) -> str:
         nonce = uuid.uuid4().hex
-        self.bus.publish("watch", {"run": run_id, "after": after, "n": nonce})
+        self.bus.publish(
+            "watch",
+            {"run": run_id, "after": after, "n": nonce, "to": self.channel, "end_only": end_only},
+        )
         return nonce
 
     async def _stored(self, run_id: str, seq: int) -> tuple[str, Any] | None:
@@ -205,23 +243,26 @@ class FeedFollower:
         log.warning("feed.event_missing", run_id=run_id, seq=seq)
         return None
 
-    async def wait(self, run_id: str) -> None:
-        """Until ``run_id`` is no longer pending or running."""
-        ended = asyncio.Event()
-
-        def on_message(message: dict[str, Any]) -> None:
-            if message.get("k") == "end":
-                ended.set()
-
-        channel = run_channel(run_id)
-        await self.bus.listen(channel, on_message)
+    async def wait(self, run_id: str, pending: bool = False) -> None:
+        """Until ``run_id`` is over (see :meth:`RunStore.ended`). ``pending``: it was pending
+        a moment ago (just queued), so there is no need to look before asking."""
+        inbox = self._open(run_id)
         wait_s = self.poll_s
         try:
-            while not await self.db.runs.ended(run_id):
-                self._ask(run_id, 1 << 30)  # only the end is wanted, no events
-                try:
-                    await asyncio.wait_for(ended.wait(), wait_s)
-                except TimeoutError:
-                    wait_s = min(wait_s * 2, self.poll_s * BACKOFF)
+            if not pending and await self.db.runs.ended(run_id):
+                return
+            while True:
+                self._ask(run_id, -1, end_only=True)
+                deadline = time.monotonic() + wait_s
+                while (left := deadline - time.monotonic()) > 0:
+                    try:
+                        message = await asyncio.wait_for(inbox.get(), left)
+                    except TimeoutError:
+                        break
+                    if message.get("k") == "end":
+                        return
+                if await self.db.runs.ended(run_id):  # no word: maybe a signal was lost
+                    return
+                wait_s = min(wait_s * 2, self.poll_s * BACKOFF)
         finally:
-            await self.bus.unlisten(channel, on_message)
+            self._close(run_id, inbox)

@@ -39,12 +39,13 @@ from nimbus.server.feed import FeedPublisher
 from nimbus.server.metrics import METRICS
 from nimbus.store.database import Database
 from nimbus.store.db import unavailable
+from nimbus.store.pg import UNCAPPED
 from nimbus.store.writer import StepWrite
 
 log = structlog.get_logger("nimbus.worker")
 ATTEMPT_STRIDE = 1 << 20  # event numbers of attempt n start above (n - 1) * this
 CLAIM_BATCH = 100  # runs claimed at most per statement
-NO_CAP = 1 << 30
+CLAIM_COALESCE_S = 0.005
 
 
 class Completion:
@@ -187,7 +188,7 @@ class WorkerPool:
         """Claim waiting runs while there are free slots."""
         fast = self.db.fast
         assert fast is not None
-        cap = self.tenant_max_running if self.tenant_max_running < self.concurrency else NO_CAP
+        cap = self.tenant_max_running if self.tenant_max_running < self.concurrency else UNCAPPED
         while self._accepting:
             free = self.concurrency - len(self._tasks)
             full_batch = False
@@ -216,6 +217,9 @@ class WorkerPool:
                 continue  # there may be more
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_s)
+            # Let the slots freed and the runs queued around now add up: one claim for them
+            # all rather than a statement per run.
+            await asyncio.sleep(CLAIM_COALESCE_S)
             self._wake.clear()
 
     async def _lease_loop(self) -> None:

@@ -189,6 +189,15 @@ class RunStore:
         the run made the first time (with ``replayed: True``); with another request it raises
         :class:`IdempotencyConflict`.
         """
+        if self.fast is not None and thread_id is None and idempotency is None:
+            return await self.fast.queue_stateless_run(
+                tenant_id,
+                assistant_id,
+                kwargs,
+                metadata,
+                multitask_strategy,
+                {"temporary": True} if temporary else {},
+            )
         if self.fast is not None and thread_id is not None and idempotency is None:
             queued = await self.fast.queue_run(
                 tenant_id, thread_id, assistant_id, kwargs, metadata, multitask_strategy
@@ -213,6 +222,8 @@ class RunStore:
         self, tenant_id: str, run_id: str, thread_id: str | None = None
     ) -> dict[str, Any] | None:
         """One run (of the thread, if given), or None."""
+        if self.fast is not None and thread_id is None:
+            return await self.fast.run(tenant_id, run_id)
         query = select(runs).where(runs.c.tenant_id == tenant_id, runs.c.run_id == run_id)
         if thread_id is not None:
             query = query.where(runs.c.thread_id == thread_id)
@@ -304,6 +315,9 @@ class RunStore:
         """Whether a run is over: not pending or running, and no worker holds it any more (a
         run cancelled from elsewhere is ``interrupted`` at once, but ends when its worker has
         written its end). A run that does not exist is over too."""
+        if self.fast is not None:
+            state = await self.fast.run_state(run_id)
+            return state is None or (state[0] not in ACTIVE and state[1] is None)
         async with self.auto.connect() as conn:
             found = (
                 await conn.execute(

@@ -246,7 +246,7 @@ async def wait_for(svc: Services, run: dict[str, Any]) -> dict[str, Any]:
         await done.wait()
     if done is None or done.outcome is None:  # it ran (or runs) elsewhere, or not at all
         if svc.follower is not None:
-            await svc.follower.wait(run["run_id"])
+            await svc.follower.wait(run["run_id"], pending=run.get("status") == "pending")
         else:
             while await svc.db.runs.status(run["run_id"]) in ACTIVE:  # noqa: ASYNC110
                 await asyncio.sleep(0.2)

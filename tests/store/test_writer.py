@@ -52,7 +52,7 @@ async def _queued_run(db: Database) -> dict[str, Any]:
 
 async def _claim(db: Database, run: dict[str, Any]) -> None:
     """Claim ``run`` (a lease on PostgreSQL): its steps then carry the lease's token."""
-    claimed = await db.runs.claim(run["run_id"], "test-worker", 30)
+    claimed = await db.runs.claim(run["run_id"], "test-worker")
     assert claimed is not None
     run["lease_token"] = claimed[0]["lease_token"]
 

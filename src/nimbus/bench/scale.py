@@ -104,7 +104,10 @@ async def _drive(
         )
         stop_at = time.monotonic() + warmup_s + window_s
 
-        async def loop() -> None:
+        ramp_s = min(warmup_s / 2, 5.0)  # clients arrive over a few seconds, not all at once
+
+        async def loop(i: int) -> None:
+            await asyncio.sleep(ramp_s * i / in_flight)
             while time.monotonic() < stop_at:
                 started = time.monotonic()
                 try:
@@ -141,7 +144,7 @@ async def _drive(
             return peak, api_cpu, worker_cpu
 
         watcher = asyncio.create_task(watch())
-        await asyncio.gather(*(loop() for _ in range(in_flight)))
+        await asyncio.gather(*(loop(i) for i in range(in_flight)))
         peak, api_cpu, worker_cpu = await watcher
     finally:
         await session.close()
@@ -180,7 +183,7 @@ def measure(
     key = "nmb_bench_" + secrets.token_hex(16)
     env = {
         "NIMBUS_WORKERS": str(concurrency),
-        "NIMBUS_DATABASE_POOL_SIZE": "20",
+        "NIMBUS_DATABASE_POOL_SIZE": "10",  # 3 processes x (3 x 10 + 1) within 100 connections
         "NIMBUS_LOG_FORMAT": "json",
         "NIMBUS_MODEL_TIMEOUT_S": str(max(60.0, latency_s * 10)),
     }

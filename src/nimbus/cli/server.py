@@ -149,6 +149,9 @@ def _serve(app: object, host: str, port: int, settings: Settings) -> None:
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
         loop="uvloop",
         http="httptools",
+        # A full accept queue drops new connections (clients retry a second or more later):
+        # as deep as the kernel allows by default (net.core.somaxconn).
+        backlog=4096,
     )
     _Server(config).run()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,7 +29,8 @@ from nimbus.server.bus import Bus
 from nimbus.store.database import Database
 
 log = structlog.get_logger("nimbus.feed")
-WATCH_MEMORY_S = 10.0  # how long a worker remembers a watch request for a run it may claim
+WATCH_MEMORY_S = 60.0  # how long a worker remembers a watch request for a run it may claim
+WATCH_MEMORY_MAX = 100_000  # and at most this many (the oldest go first)
 BACKOFF = 8  # a quiet follower looks at the database at most every BACKOFF × poll_s
 
 
@@ -61,7 +63,9 @@ class FeedPublisher:
         self.bus, self.broker = bus, broker
         self._tokens: dict[str, int] = {}  # runs held here → lease token
         self._watchers: dict[str, dict[str, bool]] = {}  # run → {follower channel: all events}
-        self._requests: dict[str, list[tuple[float, dict[str, Any]]]] = {}  # not held yet
+        # watch requests for runs not held here (yet), and when each expires, oldest first
+        self._requests: dict[str, list[tuple[float, dict[str, Any]]]] = {}
+        self._expiry: deque[tuple[float, str]] = deque()
         broker.tap = self._on_event
 
     async def start(self) -> None:
@@ -94,11 +98,17 @@ class FeedPublisher:
             self._watch(run_id, message)
         else:  # perhaps ours in a moment (claimed next): remember it a while
             now = time.monotonic()
-            if len(self._requests) > 10_000:
-                self._requests = {
-                    k: v for k, v in self._requests.items() if any(u > now for u, _ in v)
-                }
+            while self._expiry and (
+                self._expiry[0][0] <= now or len(self._expiry) >= WATCH_MEMORY_MAX
+            ):
+                _, old = self._expiry.popleft()
+                kept = [r for r in self._requests.get(old, ()) if r[0] > now]
+                if kept:
+                    self._requests[old] = kept
+                else:
+                    self._requests.pop(old, None)
             self._requests.setdefault(run_id, []).append((now + WATCH_MEMORY_S, message))
+            self._expiry.append((now + WATCH_MEMORY_S, run_id))
 
     def _watch(self, run_id: str, request: dict[str, Any]) -> None:
         to, every = request["to"], not request.get("end_only")

@@ -11,10 +11,11 @@ PostgreSQL (any number of processes): the runs table is the queue. A fresh run s
 the API of this process starts here at once when a slot is free; otherwise it waits in the
 table, and every worker with free slots claims the next runs (fair across tenants, capped per
 tenant, ``FOR UPDATE SKIP LOCKED``) when woken by a ``queued`` signal, when one of its runs
-ends, or every ``poll_s``. A claim is a lease renewed every third of ``lease_s``; each step
-write carries the lease's fencing token; a worker that loses a lease stops that run without
-writing; expired leases are swept back into the queue by whichever worker looks first, and
-the next claim resumes the run from its last stored step. See docs/architecture.md.
+ends, or every ``poll_s``. A claim is a lease, alive while the worker's heartbeat (a row of
+``workers`` renewed every third of ``lease_s``) is; each step write carries the lease's
+fencing token; a worker that loses a lease stops that run without writing; the runs of a
+worker whose heartbeat expired are swept back into the queue by whichever worker looks
+first, and the next claim resumes each from its last stored step. See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from nimbus.store.writer import StepWrite
 
 log = structlog.get_logger("nimbus.worker")
 ATTEMPT_STRIDE = 1 << 20  # event numbers of attempt n start above (n - 1) * this
-CLAIM_BATCH = 100  # runs claimed at most per statement
+CLAIM_BATCH = 200  # runs claimed at most per statement
 CLAIM_COALESCE_S = 0.005
 
 
@@ -90,6 +91,7 @@ class WorkerPool:
         self._claiming: set[str] = set()  # submitted here, not claimed yet: not for the poller
         self._gone: dict[str, float] = {}  # runs whose task here ended without their end
         self._lost: set[str] = set()  # runs whose lease we lost: stop, write nothing
+        self._orphans: dict[str, int] = {}  # ours, but no longer executing here: to hand back
         self._executions: dict[str, RunExecution] = {}
         self._wake = asyncio.Event()
         self._backlog = True  # runs may be waiting in the queue: look when a slot frees
@@ -114,6 +116,9 @@ class WorkerPool:
                 self.bus.on_reconnect.append(self._wake.set)
             if self.feed is not None:
                 await self.feed.start()
+            assert self.db.fast is not None
+            await self.db.fast.heartbeat(self.owner, self.lease_s)  # alive before any claim
+            self._renewed = time.monotonic()
             self._loops = [
                 asyncio.create_task(self._poll_loop(), name="nimbus-queue-poller"),
                 asyncio.create_task(self._lease_loop(), name="nimbus-lease-keeper"),
@@ -195,7 +200,7 @@ class WorkerPool:
             if free > 0:
                 try:
                     claimed = await fast.claim_next(
-                        self.owner, min(free, CLAIM_BATCH), self.lease_s, cap, self._claiming
+                        self.owner, min(free, CLAIM_BATCH), cap, self._claiming
                     )
                 except Exception as exc:  # the database is away: try again later
                     log.warning("worker.claim_failed", error=str(exc))
@@ -223,8 +228,9 @@ class WorkerPool:
             self._wake.clear()
 
     async def _lease_loop(self) -> None:
-        """Renew our leases, stop runs whose lease we lost or that were cancelled elsewhere,
-        and sweep expired leases (of crashed or stuck workers) back into the queue."""
+        """Renew our leases (one heartbeat for them all), stop runs whose lease we lost or
+        that were cancelled elsewhere, and sweep the runs of workers that stopped renewing
+        (crashed or stuck) back into the queue."""
         fast = self.db.fast
         assert fast is not None
         tick = self.lease_s / 3
@@ -232,17 +238,27 @@ class WorkerPool:
             await asyncio.sleep(tick)
             held = dict(self._held)
             try:
+                await fast.heartbeat(self.owner, self.lease_s)
+                self._renewed = time.monotonic()
                 if held:
-                    alive = await fast.renew(self.owner, held, self.lease_s)
-                    self._renewed = time.monotonic()
+                    alive = await fast.held(self.owner, held)
                     for run_id in held:
                         status = alive.get(run_id)
                         if status is None:
                             self._lose(run_id)
                         elif status == "interrupted":
                             self.cancel(run_id)  # cancelled on another replica
-                else:
-                    self._renewed = time.monotonic()
+                if self._orphans:
+                    orphans = dict(self._orphans)
+                    back = await fast.hand_back(self.owner, orphans)
+                    for run_id in orphans:
+                        self._orphans.pop(run_id, None)
+                    if back:
+                        log.info("worker.handed_back", runs=len(back))
+                        self._backlog = True
+                        self._wake.set()
+                        if self.bus is not None:
+                            self.bus.publish("queued", {})
                 swept = await fast.sweep()
                 METRICS.queue_depth.set(await fast.pending())
             except Exception as exc:
@@ -375,9 +391,16 @@ class WorkerPool:
         finally:
             METRICS.running.dec()
             self._executions.pop(run_id, None)
+            lost = run_id in self._lost
             self._lost.discard(run_id)
-            if self._held.pop(run_id, None) is not None and self.feed is not None:
-                self.feed.released(run_id, ended)
+            token = self._held.pop(run_id, None)
+            if token is not None:
+                if self.feed is not None:
+                    self.feed.released(run_id, ended)
+                if not ended and not lost:
+                    # Still ours in the database, run by nobody (its step or end could not be
+                    # stored): back to the queue as soon as the database answers.
+                    self._orphans[run_id] = token
             if outcome is None:
                 self._note_gone(run_id)
             self.broker.close(run_id)
@@ -394,7 +417,7 @@ class WorkerPool:
     ) -> tuple[str, str | None, dict[str, Any]] | None:
         if claimed is None:
             try:
-                claimed = await self.db.runs.claim(run_id, self.owner, self.lease_s)
+                claimed = await self.db.runs.claim(run_id, self.owner)
             finally:
                 self._claiming.discard(run_id)
         if claimed is None:
@@ -504,7 +527,11 @@ class WorkerPool:
             if self.shared:  # keep our leases while the runs finish
                 keeper = asyncio.create_task(self._keep_leases())
             _, pending = await asyncio.wait(running, timeout=grace_s)
-            held = [run_id for run_id, t in self._tasks.items() if t in pending]
+            held = {
+                run_id: self._held[run_id]
+                for run_id, t in self._tasks.items()
+                if t in pending and run_id in self._held
+            }
             for task in pending:
                 task.cancel()
             for task in pending:
@@ -512,12 +539,16 @@ class WorkerPool:
                     await task
             if keeper is not None:
                 keeper.cancel()
+            held.update(self._orphans)
             if held and self.db.fast is not None:
                 with contextlib.suppress(Exception):
                     back = await self.db.fast.hand_back(self.owner, held)
                     log.info("worker.handed_back", runs=len(back))
                     if back and self.bus is not None:
                         self.bus.publish("queued", {})
+        if self.shared and self.db.fast is not None:
+            with contextlib.suppress(Exception):
+                await self.db.fast.retire(self.owner)  # anything left is swept at once
         for loop in self._loops:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await loop
@@ -531,4 +562,4 @@ class WorkerPool:
         while True:
             await asyncio.sleep(self.lease_s / 3)
             with contextlib.suppress(Exception):
-                await fast.renew(self.owner, dict(self._held), self.lease_s)
+                await fast.heartbeat(self.owner, self.lease_s)

@@ -127,7 +127,12 @@ def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     return create_async_engine(
-        target, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800, **json
+        target,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_recycle=1800,
+        connect_args={"server_settings": {"jit": "off"}},  # short statements: never worth it
+        **json,
     )
 
 

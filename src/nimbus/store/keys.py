@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import secrets
@@ -72,6 +73,7 @@ class KeyStore:
         self.engine = engine
         self.auto = autocommit(engine)
         self._cache: dict[str, tuple[float, Principal]] = {}
+        self._lookups: dict[str, asyncio.Future[Principal | None]] = {}
 
     async def create(self, tenant_id: str, scope: Scope, name: str = "") -> tuple[str, KeyInfo]:
         """Make a key; returns the key (shown once) and its description."""
@@ -124,6 +126,22 @@ class KeyStore:
         cached = self._cache.get(digest)
         if cached is not None and time.monotonic() - cached[0] < CACHE_TTL_S:
             return cached[1]
+        # One lookup per key at a time: when the cached answer expires under load, the
+        # requests that arrive meanwhile wait for it rather than each asking the database.
+        pending = self._lookups.get(digest)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        lookup = asyncio.ensure_future(self._lookup(digest))
+        self._lookups[digest] = lookup
+        try:
+            return await asyncio.shield(lookup)
+        finally:
+            if lookup.done():
+                self._lookups.pop(digest, None)
+            else:
+                lookup.add_done_callback(lambda _: self._lookups.pop(digest, None))
+
+    async def _lookup(self, digest: str) -> Principal | None:
         async with self.auto.connect() as conn:
             row = (
                 await conn.execute(

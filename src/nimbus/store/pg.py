@@ -21,58 +21,80 @@ _THREAD = "SELECT * FROM threads WHERE tenant_id = $1 AND thread_id = $2"
 _ASSISTANT = "SELECT * FROM assistants WHERE tenant_id = $1 AND assistant_id = $2"
 _RUN = "SELECT * FROM runs WHERE tenant_id = $1 AND run_id = $2"
 _RUN_STATE = "SELECT status, lease_owner FROM runs WHERE run_id = $1"
-# Leases (see docs/architecture.md, "Workers and leases"). Times are the database's clock, so
-# workers on machines whose clocks disagree still agree on who holds what.
-_LEASE_UNTIL = "now() + make_interval(secs => $4)"
-# A run may start when its thread has no other run in progress (one still leased, even if it
-# was interrupted, or running) and no older run waiting: runs of a thread go one at a time,
-# in order. A run whose worker's lease expired may be taken directly.
+# Leases (see docs/architecture.md, "Workers and leases"). A run's lease is its worker's, alive
+# while the worker's row in `workers` has not expired; expiry times are the database's clock,
+# so workers on machines whose clocks disagree still agree on who holds what.
+#
+# A run may start when its thread has no other run in progress (one still held by a worker,
+# even if it was interrupted, or running) and no older run waiting: runs of a thread go one
+# at a time, in order. A run whose worker died goes back to the queue by the sweep.
 _CLAIMABLE = """
-(p.status = 'pending'
- OR (p.status = 'running' AND (p.lease_owner IS NULL OR p.lease_expires_at < now())))
+p.status = 'pending'
 AND NOT EXISTS (
     SELECT 1 FROM runs o
     WHERE o.tenant_id = p.tenant_id AND o.thread_id = p.thread_id AND o.run_id <> p.run_id
-      AND (o.status = 'running'
-           OR (o.lease_owner IS NOT NULL AND o.lease_expires_at > now())
+      AND (o.status = 'running' OR o.lease_owner IS NOT NULL
            OR (o.status = 'pending' AND o.created_at < p.created_at)))
 """
-_TAKE = f"""
+# The claimed runs come back with their thread's values, from the thread update itself (a
+# join of the two afterwards was a nested loop over both: quadratic in the runs claimed).
+_TAKE = """
 r AS (
     UPDATE runs SET status = 'running', attempts = attempts + 1, updated_at = $2,
-        lease_owner = $3, lease_token = lease_token + 1, lease_expires_at = {_LEASE_UNTIL}
+        lease_owner = $3, lease_token = lease_token + 1
     FROM picked WHERE runs.run_id = picked.run_id
     RETURNING runs.*
 ), t AS (
     UPDATE threads SET status = 'busy', updated_at = $2
     FROM r WHERE threads.thread_id = r.thread_id AND threads.tenant_id = r.tenant_id
-    RETURNING threads.tenant_id, threads.thread_id, threads."values", threads.checkpoint_id
+    RETURNING r.*, true AS thread_found, threads."values" AS thread_values,
+              threads.checkpoint_id AS thread_checkpoint_id
 ), a AS (
     INSERT INTO run_attempts (run_id, attempt, tenant_id, worker, claimed_at)
     SELECT run_id, attempts, tenant_id, lease_owner, $2 FROM r
 )
-SELECT r.*, t.thread_id IS NOT NULL AS thread_found, t."values" AS thread_values,
-       t.checkpoint_id AS thread_checkpoint_id
-FROM r LEFT JOIN t ON t.tenant_id = r.tenant_id AND t.thread_id = r.thread_id
+SELECT * FROM t
+UNION ALL
+SELECT r.*, false, NULL::jsonb, NULL::varchar FROM r WHERE r.run_id NOT IN (SELECT run_id FROM t)
 """
 _CLAIM = f"""
 WITH picked AS (SELECT p.run_id FROM runs p WHERE p.run_id = $1 AND {_CLAIMABLE} FOR UPDATE),
 {_TAKE}
 """
 # The next runs for a worker with free slots: fair across tenants (each tenant's oldest
-# first, then each one's second...), within each tenant's cap of running runs ($5), locked
+# first, then each one's second...), within each tenant's cap of running runs ($4), locked
 # with SKIP LOCKED so that workers claiming at once take different runs.
+# Tenants with waiting runs are found by skipping through the index of waiting runs (one
+# probe per tenant), then each tenant's oldest runs are read: the cost of a claim grows with
+# the number of tenants waiting and $1, not with the length of the queue.
 _CANDIDATES = f"""
-cand AS (
-    SELECT p.run_id, p.tenant_id, p.created_at,
-           row_number() OVER (PARTITION BY p.tenant_id ORDER BY p.created_at) AS rn
-    FROM runs p WHERE p.status = 'pending' AND NOT (p.run_id = ANY($6::text[])) AND {_CLAIMABLE}
+RECURSIVE waiting AS (
+    (SELECT tenant_id FROM runs WHERE status = 'pending' ORDER BY tenant_id LIMIT 1)
+    UNION ALL
+    SELECT (SELECT r.tenant_id FROM runs r
+            WHERE r.status = 'pending' AND r.tenant_id > w.tenant_id
+            ORDER BY r.tenant_id LIMIT 1)
+    FROM waiting w WHERE w.tenant_id IS NOT NULL
+), cand AS (
+    SELECT c.run_id, c.tenant_id, c.created_at,
+           row_number() OVER (PARTITION BY c.tenant_id ORDER BY c.created_at) AS rn
+    FROM waiting w CROSS JOIN LATERAL (
+        SELECT p.run_id, p.tenant_id, p.created_at FROM runs p
+        WHERE p.status = 'pending' AND p.tenant_id = w.tenant_id
+          AND NOT (p.run_id = ANY($5::text[])) AND {_CLAIMABLE}
+        ORDER BY p.created_at LIMIT $1 * 4
+    ) c
+    WHERE w.tenant_id IS NOT NULL
 )"""
+# Candidates are four times as many as wanted, and the lock skips those another worker is
+# taking: workers claiming at once each get their share, not the same few runs.
 _PICK = f"""
 picked AS (
-    SELECT run_id FROM runs
-    WHERE run_id IN (SELECT run_id FROM capped) AND status = 'pending'
-    FOR UPDATE SKIP LOCKED
+    SELECT runs.run_id FROM runs JOIN capped ON capped.run_id = runs.run_id
+    WHERE runs.status = 'pending'
+    ORDER BY capped.rn, capped.created_at
+    LIMIT $1
+    FOR UPDATE OF runs SKIP LOCKED
 ),
 {_TAKE}
 """
@@ -80,25 +102,29 @@ _CLAIM_NEXT = f"""
 WITH {_CANDIDATES}, busy AS (
     SELECT tenant_id, count(*) AS n FROM runs WHERE status = 'running' GROUP BY tenant_id
 ), capped AS (
-    SELECT cand.run_id FROM cand LEFT JOIN busy ON busy.tenant_id = cand.tenant_id
-    WHERE cand.rn + coalesce(busy.n, 0) <= $5
+    SELECT cand.run_id, cand.rn, cand.created_at
+    FROM cand LEFT JOIN busy ON busy.tenant_id = cand.tenant_id
+    WHERE cand.rn + coalesce(busy.n, 0) <= $4
     ORDER BY cand.rn, cand.created_at
-    LIMIT $1
+    LIMIT $1 * 4
 ), {_PICK}"""
-# Without a cap there is no need to count every running run ($5 unused).
+# Without a cap there is no need to count every running run ($4 unused).
 _CLAIM_NEXT_UNCAPPED = f"""
 WITH {_CANDIDATES}, capped AS (
-    SELECT cand.run_id FROM cand WHERE $5::bigint > 0 ORDER BY cand.rn, cand.created_at LIMIT $1
+    SELECT cand.run_id, cand.rn, cand.created_at FROM cand
+    WHERE $4::bigint > 0 ORDER BY cand.rn, cand.created_at LIMIT $1 * 4
 ), {_PICK}"""
 UNCAPPED = 1 << 30  #: a tenant cap that means none
-# A lease still held is extended; a run whose lease this worker gave up with its end (same
-# token, no owner) is reported too, so that it is not taken for lost.
-_RENEW = """
-UPDATE runs SET lease_expires_at = CASE WHEN runs.lease_owner = $1
-    THEN now() + make_interval(secs => $2) ELSE runs.lease_expires_at END
-FROM unnest($3::text[], $4::bigint[]) AS h(run_id, token)
-WHERE runs.run_id = h.run_id AND runs.lease_token = h.token
-RETURNING runs.run_id, runs.status, runs.lease_owner IS NOT NULL AS held
+# A worker's heartbeat: its row lives on for $2 seconds more.
+_HEARTBEAT = """
+INSERT INTO workers (worker_id, started_at, expires_at)
+VALUES ($1, now(), now() + make_interval(secs => $2))
+ON CONFLICT (worker_id) DO UPDATE SET expires_at = EXCLUDED.expires_at
+"""
+_RETIRE = "UPDATE workers SET expires_at = now() WHERE worker_id = $1"
+# The runs a worker thinks it holds, as they are (a read: no lock on any run).
+_HELD = """
+SELECT run_id, status, lease_owner, lease_token FROM runs WHERE run_id = ANY($1::text[])
 """
 # Give leases up: those that expired (the sweeper), or a worker's own (a graceful stop). A run
 # that was running goes back to the queue; one that was being interrupted ends interrupted,
@@ -106,8 +132,7 @@ RETURNING runs.run_id, runs.status, runs.lease_owner IS NOT NULL AS held
 _RELEASE = """
 WITH x AS (
     UPDATE runs SET status = CASE WHEN status = 'running' THEN 'pending' ELSE status END,
-        lease_owner = NULL, lease_expires_at = NULL, lease_token = lease_token + 1,
-        updated_at = now()
+        lease_owner = NULL, lease_token = lease_token + 1, updated_at = now()
     WHERE {which}
     RETURNING run_id, tenant_id, thread_id, status
 ), t AS (
@@ -122,10 +147,18 @@ WITH x AS (
 SELECT run_id, status FROM x
 """
 _SWEEP = _RELEASE.format(
-    which="(lease_owner IS NOT NULL AND lease_expires_at < now())"
+    which="(lease_owner IS NOT NULL AND NOT EXISTS (SELECT 1 FROM workers w"
+    " WHERE w.worker_id = runs.lease_owner AND w.expires_at > now()))"
     " OR (status = 'running' AND lease_owner IS NULL)"  # left by a version without leases
 )
-_HAND_BACK = _RELEASE.format(which="lease_owner = $1 AND run_id = ANY($2::text[])")
+_FORGET_WORKERS = """
+DELETE FROM workers w WHERE w.expires_at < now() - interval '1 day'
+AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.lease_owner = w.worker_id)
+"""
+_HAND_BACK = _RELEASE.format(
+    which="lease_owner = $1 AND (run_id, lease_token) IN"
+    " (SELECT * FROM unnest($2::text[], $3::bigint[]))"
+)
 _PENDING = "SELECT count(*) FROM runs WHERE status = 'pending'"
 _TENANT_PENDING = "SELECT count(*) FROM runs WHERE status = 'pending' AND tenant_id = $1"
 _QUEUE = "SELECT nimbus_queue_run($1, $2, $3, $4, $5, $6, $7, $8)"  # migration 0002
@@ -205,7 +238,9 @@ class PgHotPath:
             max_inactive_connection_lifetime=300,
             # The statements here are key lookups and batch writes, one good plan each: plan
             # them once per connection, not at every execution.
-            server_settings={"plan_cache_mode": "force_generic_plan"},
+            # No JIT compilation: these statements run in milliseconds, and compiling one
+            # (when a queue or a batch makes its estimated cost large) took 150 ms of CPU.
+            server_settings={"plan_cache_mode": "force_generic_plan", "jit": "off"},
         )
         return cls(pool)
 
@@ -234,44 +269,57 @@ class PgHotPath:
         return None if found is None else (found["status"], found["lease_owner"])
 
     async def claim(
-        self, run_id: str, owner: str, lease_s: float
+        self, run_id: str, owner: str
     ) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
-        """Claim one run for ``owner`` with a lease of ``lease_s`` seconds (see
-        :meth:`nimbus.store.runs.RunStore.claim`); None when it is not claimable now: taken,
-        ended, or its thread busy with another run."""
-        found = await self.pool.fetchrow(_CLAIM, run_id, now(), owner, lease_s)
+        """Claim one run for ``owner`` (see :meth:`nimbus.store.runs.RunStore.claim`); None
+        when it is not claimable now: taken, ended, or its thread busy with another run."""
+        found = await self.pool.fetchrow(_CLAIM, run_id, now(), owner)
         return None if found is None else _claimed(found)
 
     async def claim_next(
         self,
         owner: str,
         limit: int,
-        lease_s: float,
         tenant_cap: int,
         skip: Collection[str] = (),
     ) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
         """Claim up to ``limit`` waiting runs for ``owner``, fairly across tenants, at most
         ``tenant_cap`` running per tenant, none of ``skip``."""
         query = _CLAIM_NEXT if tenant_cap < UNCAPPED else _CLAIM_NEXT_UNCAPPED
-        rows = await self.pool.fetch(query, limit, now(), owner, lease_s, tenant_cap, list(skip))
+        rows = await self.pool.fetch(query, limit, now(), owner, tenant_cap, list(skip))
         return [_claimed(r) for r in rows]
 
-    async def renew(self, owner: str, held: dict[str, int], lease_s: float) -> dict[str, str]:
-        """Extend ``owner``'s leases (run id → fencing token). Returns the status of each run
-        whose lease it still holds, and ``ended`` for those whose end it wrote meanwhile; the
-        runs left out were lost (taken over, or swept back into the queue)."""
-        rows = await self.pool.fetch(_RENEW, owner, lease_s, list(held), list(held.values()))
-        return {r["run_id"]: r["status"] if r["held"] else "ended" for r in rows}
+    async def heartbeat(self, owner: str, lease_s: float) -> None:
+        """``owner`` is alive for ``lease_s`` seconds more: so are its leases."""
+        await self.pool.execute(_HEARTBEAT, owner, lease_s)
+
+    async def retire(self, owner: str) -> None:
+        """``owner`` stops: whatever it still holds is swept at once."""
+        await self.pool.execute(_RETIRE, owner)
+
+    async def held(self, owner: str, held: dict[str, int]) -> dict[str, str]:
+        """What became of the runs ``owner`` holds (run id → fencing token): the status of
+        each one still its own, ``ended`` for those whose end it wrote meanwhile; the runs
+        left out were lost (swept back into the queue, or taken by another worker)."""
+        out = {}
+        for r in await self.pool.fetch(_HELD, list(held)):
+            if r["lease_token"] != held[r["run_id"]]:
+                continue  # lost
+            out[r["run_id"]] = r["status"] if r["lease_owner"] == owner else "ended"
+        return out
 
     async def sweep(self) -> list[tuple[str, str]]:
-        """Release expired leases: their running runs go back to the queue. Returns (run id,
-        status now) of each."""
-        return [(r["run_id"], r["status"]) for r in await self.pool.fetch(_SWEEP)]
+        """Release the leases of workers that stopped renewing: their running runs go back to
+        the queue. Returns (run id, status now) of each."""
+        swept = [(r["run_id"], r["status"]) for r in await self.pool.fetch(_SWEEP)]
+        await self.pool.execute(_FORGET_WORKERS)
+        return swept
 
-    async def hand_back(self, owner: str, run_ids: list[str]) -> list[str]:
-        """Release ``owner``'s leases of ``run_ids`` (a worker stopping): they go back to the
-        queue for another worker."""
-        return [r["run_id"] for r in await self.pool.fetch(_HAND_BACK, owner, run_ids)]
+    async def hand_back(self, owner: str, leases: dict[str, int]) -> list[str]:
+        """Release ``owner``'s leases (run id → fencing token) of runs it no longer executes
+        (it is stopping, or could not store their steps): they go back to the queue."""
+        rows = await self.pool.fetch(_HAND_BACK, owner, list(leases), list(leases.values()))
+        return [r["run_id"] for r in rows]
 
     async def pending(self, tenant_id: str | None = None) -> int:
         """How many runs wait in the queue (of one tenant, if given)."""

@@ -357,18 +357,18 @@ class RunStore:
         return -1 if found is None else int(found)
 
     async def claim(
-        self, run_id: str, owner: str = "", lease_s: float = 30.0
+        self, run_id: str, owner: str = ""
     ) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
         """Claim a pending (or resumed) run for execution: the run becomes running with one
         more attempt, its thread busy (again: a run that ended meanwhile may have set it
         idle). Returns the run and its thread (None if the thread was deleted), or None when
         the run is no longer active (cancelled or finished meanwhile).
 
-        On PostgreSQL the claim is a lease for ``owner`` (a worker) of ``lease_s`` seconds,
-        and the run's ``lease_token`` is the fencing token its step writes must carry; a run
-        whose thread has another run in progress is not claimable yet (None)."""
+        On PostgreSQL the claim is a lease for ``owner`` (a worker, alive while its heartbeat
+        is), and the run's ``lease_token`` is the fencing token its step writes must carry; a
+        run whose thread has another run in progress is not claimable yet (None)."""
         if self.fast is not None:
-            return await self.fast.claim(run_id, owner, lease_s)
+            return await self.fast.claim(run_id, owner)
         async with self.engine.begin() as conn:
             return await conn.run_sync(_claim, run_id)
 

@@ -14,6 +14,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -125,14 +126,38 @@ runs = Table(
     _ts("created_at"),
     _ts("updated_at"),
     # The lease of the worker executing the run (PostgreSQL; see nimbus.store.pg): who holds
-    # it, until when, and the fencing token every step write of the holder must carry. The
-    # token grows at each claim and each expiry, so a worker that lost its lease cannot write.
+    # it (alive while its row in `workers` is), and the fencing token every step write of the
+    # holder must carry. The token grows at each claim and each expiry, so a worker that lost
+    # its lease cannot write.
     Column("lease_owner", Id, nullable=True),
     Column("lease_token", BigInteger, nullable=False, default=0, server_default="0"),
-    Column("lease_expires_at", DateTime(timezone=True), nullable=True),
     Index("ix_runs_thread", "tenant_id", "thread_id", "created_at"),
     Index("ix_runs_status", "status", "created_at"),
-    Index("ix_runs_lease_owner", "lease_owner"),
+    # PostgreSQL's queue: the waiting runs of each tenant, oldest first; the runs held.
+    Index(
+        "ix_runs_pending",
+        "tenant_id",
+        "created_at",
+        postgresql_where=text("status = 'pending'"),
+        sqlite_where=text("status = 'pending'"),
+    ),
+    Index(
+        "ix_runs_lease_owner",
+        "lease_owner",
+        postgresql_where=text("lease_owner IS NOT NULL"),
+        sqlite_where=text("lease_owner IS NOT NULL"),
+    ),
+)
+
+# Workers alive (PostgreSQL): each renews its row's expiry; the runs it holds are its while
+# the row has not expired. One row per worker process, so renewing costs one row whatever
+# the number of runs it holds.
+workers = Table(
+    "workers",
+    metadata,
+    Column("worker_id", Id, primary_key=True),
+    _ts("started_at"),
+    _ts("expires_at"),
 )
 
 run_attempts = Table(

@@ -269,8 +269,7 @@ UPDATE runs SET
     state = s.state,
     updated_at = $13,
     -- the run's end gives its lease up
-    lease_owner = CASE WHEN s.end_status IS NULL THEN runs.lease_owner END,
-    lease_expires_at = CASE WHEN s.end_status IS NULL THEN runs.lease_expires_at END
+    lease_owner = CASE WHEN s.end_status IS NULL THEN runs.lease_owner END
 FROM s LEFT JOIN t ON t.tenant_id = s.tenant_id AND t.thread_id = s.thread_id
 WHERE runs.run_id = s.run_id
 RETURNING runs.run_id, runs.status, t.status AS thread_status

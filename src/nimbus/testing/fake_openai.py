@@ -137,7 +137,9 @@ class FakeOpenAIServer:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> FakeOpenAIServer:
         """Start listening (``port=0`` picks a free port) and return ``self``."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), host, port)
+        # A deep accept queue: benches open thousands of connections at once, and a full
+        # queue drops connection attempts (the client retries a second or more later).
+        self._server = await loop.create_server(lambda: _Connection(self), host, port, backlog=4096)
         self.host, self.port = host, self._server.sockets[0].getsockname()[1]
         return self
 

@@ -209,7 +209,7 @@ def _sse(
                 yield frame
             finished = True
             if stateless and not resumable:  # nobody can come back for it: clean up now
-                await _finish_stateless(svc, run)
+                await _finish_stateless(svc, run, ended=True)  # its events ended with it
         finally:
             if not finished and cancel_on_disconnect:
                 # The client is gone and this task is being cancelled: without the shield the
@@ -281,9 +281,12 @@ def _last_event_id(value: str | None) -> int:
         raise APIError(422, f"Last-Event-ID must be an event number, got {value!r}") from None
 
 
-async def _finish_stateless(svc: Services, run: dict[str, Any]) -> None:
+async def _finish_stateless(svc: Services, run: dict[str, Any], ended: bool = False) -> None:
+    """Delete a stateless run's thread (unless kept) once the run is over (``ended``: it is
+    known to be)."""
     if (run["kwargs"].get("on_completion") or "delete") == "delete":
-        await wait_for(svc, run)
+        if not ended:
+            await wait_for(svc, run)
         await svc.db.threads.delete(run["tenant_id"], run["thread_id"])
 
 
@@ -487,7 +490,7 @@ async def wait_stateless_run(
     run = await create_run(svc, caller, None, body, idempotency_key=idempotency_key)
     response.headers["Content-Location"] = run_path(run, True)
     values = await _final_values(svc, run)
-    await _finish_stateless(svc, run)
+    await _finish_stateless(svc, run, ended=True)
     return values
 
 

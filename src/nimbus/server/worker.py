@@ -221,6 +221,7 @@ class WorkerPool:
                     self._start_task(run_id, run["tenant_id"], (run, thread))
                 full_batch = len(claimed) == min(free, CLAIM_BATCH)
                 self._backlog = full_batch
+            if full_batch:
                 continue  # there may be more
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_s)

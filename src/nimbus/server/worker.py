@@ -135,8 +135,7 @@ class WorkerPool:
             self._submit_shared(run, assistant)
             return
         run_id, tenant = run["run_id"], run["tenant_id"]
-        self.broker.open(run_id)
-        self._done.setdefault(run_id, Completion())
+        self._open(run_id)
         if assistant is not None:
             self._given[run_id] = (run, assistant)
         queue = self._queues.setdefault(tenant, deque())
@@ -159,16 +158,13 @@ class WorkerPool:
             and len(self._tasks) < self.concurrency
             and self._running.get(tenant, 0) < self.tenant_max_running
         ):
-            self.broker.open(run_id)
-            self._done.setdefault(run_id, Completion())
+            self._open(run_id)
             if assistant is not None:
                 self._given[run_id] = (run, assistant)
             self._claiming.add(run_id)
             self._start_task(run_id, tenant, None)
-        elif self.bus is not None:
-            self.bus.publish("queued", {})  # for any worker with a free slot
-            self._backlog = True
-            self._wake.set()
+        else:
+            self._announce_queued()  # for any worker with a free slot, this one included
 
     def _start_task(
         self,
@@ -179,6 +175,19 @@ class WorkerPool:
     ) -> None:
         self._running[tenant] = self._running.get(tenant, 0) + 1
         self._tasks[run_id] = asyncio.create_task(self._run(run_id, tenant, claimed, after))
+
+    def _open(self, run_id: str) -> None:
+        """A run is about to execute here: keep its live events, and its end for waiters."""
+        self.broker.open(run_id)
+        self._done.setdefault(run_id, Completion())
+
+    def _announce_queued(self) -> None:
+        """Runs wait in the shared queue: look at it when a slot is free here, and tell the
+        other workers."""
+        self._backlog = True
+        self._wake.set()
+        if self.bus is not None:
+            self.bus.publish("queued", {})
 
     def _on_queued(self, _message: dict[str, Any]) -> None:
         self._backlog = True
@@ -216,8 +225,7 @@ class WorkerPool:
                         self._lose(run_id)
                         self._start_task(run_id, run["tenant_id"], (run, thread), earlier)
                         continue
-                    self.broker.open(run_id)
-                    self._done.setdefault(run_id, Completion())
+                    self._open(run_id)
                     self._start_task(run_id, run["tenant_id"], (run, thread))
                 full_batch = len(claimed) == min(free, CLAIM_BATCH)
                 self._backlog = full_batch
@@ -258,10 +266,7 @@ class WorkerPool:
                         self._orphans.pop(run_id, None)
                     if back:
                         log.info("worker.handed_back", runs=len(back))
-                        self._backlog = True
-                        self._wake.set()
-                        if self.bus is not None:
-                            self.bus.publish("queued", {})
+                        self._announce_queued()
                 swept = await fast.sweep()
                 METRICS.queue_depth.set(await fast.pending())
             except Exception as exc:
@@ -273,10 +278,7 @@ class WorkerPool:
             for run_id, status in swept:
                 log.warning("run.lease_expired", run_id=run_id, status=status)
             if any(status == "pending" for _, status in swept):
-                self._backlog = True
-                self._wake.set()
-                if self.bus is not None:
-                    self.bus.publish("queued", {})
+                self._announce_queued()
 
     def _lose(self, run_id: str) -> None:
         if run_id in self._held and run_id not in self._lost:
@@ -313,8 +315,7 @@ class WorkerPool:
         try:
             if after is not None:
                 await asyncio.wait([after])
-                self.broker.open(run_id)
-                self._done.setdefault(run_id, Completion())
+                self._open(run_id)
             await self._execute(run_id, claimed)
         finally:
             if self._tasks.get(run_id) is asyncio.current_task():
@@ -472,8 +473,8 @@ class WorkerPool:
 
     def _wake_waiting(self, execution: RunExecution) -> None:
         """After a run's end: another run of its thread may start now, here or elsewhere."""
-        if execution.others_waiting and self.bus is not None:
-            self.bus.publish("queued", {})
+        if execution.others_waiting:
+            self._announce_queued()
 
     async def _fail(self, run: dict[str, Any], message: str) -> bool:
         return await self._end(run, "error", message)
@@ -498,8 +499,8 @@ class WorkerPool:
             lease_token=self._held.get(run_id, 0),
         )
         await self.db.steps.write(write)
-        if write.others_waiting and self.bus is not None:
-            self.bus.publish("queued", {})
+        if write.others_waiting:
+            self._announce_queued()
         return True
 
     async def _interrupted(self, run_id: str) -> bool:
@@ -548,7 +549,7 @@ class WorkerPool:
                     back = await self.db.fast.hand_back(self.owner, held)
                     log.info("worker.handed_back", runs=len(back))
                     if back and self.bus is not None:
-                        self.bus.publish("queued", {})
+                        self.bus.publish("queued", {})  # for the other workers: this one stops
         if self.shared and self.db.fast is not None:
             with contextlib.suppress(Exception):
                 await self.db.fast.retire(self.owner)  # anything left is swept at once

@@ -305,11 +305,9 @@ async def write_steps_pg(pg: asyncpg.Pool, steps: list[StepWrite]) -> list[str |
         [s.lease_token for s in steps],
     )
     status = {r["run_id"]: r["status"] for r in rows}
-    for r in rows:
-        if r["thread_status"] == "busy":
-            for s in given:
-                if s.run_id == r["run_id"] and s.end is not None:
-                    s.others_waiting = True
+    busy = {r["run_id"] for r in rows if r["thread_status"] == "busy"}
+    for s in given:
+        s.others_waiting = s.end is not None and s.run_id in busy
     return [
         LOST if s.run_id not in status else status[s.run_id] if s.end is not None else None
         for s in given

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nimbus.store.common import (
     IdempotencyConflict,
@@ -331,23 +330,6 @@ class RunStore:
         async with self.auto.connect() as conn:
             return await conn.scalar(select(runs.c.status).where(runs.c.run_id == run_id))
 
-    @staticmethod
-    async def has_other_active(
-        conn: AsyncConnection, tenant_id: str, thread_id: str, run_id: str
-    ) -> bool:
-        """Whether the thread has an active run besides ``run_id``."""
-        found = await conn.scalar(
-            select(runs.c.run_id)
-            .where(
-                runs.c.tenant_id == tenant_id,
-                runs.c.thread_id == thread_id,
-                runs.c.run_id != run_id,
-                runs.c.status.in_(ACTIVE),
-            )
-            .limit(1)
-        )
-        return found is not None
-
     async def last_seq(self, run_id: str) -> int:
         """The highest stored event number of a run (-1 if none)."""
         async with self.auto.connect() as conn:
@@ -371,33 +353,6 @@ class RunStore:
             return await self.fast.claim(run_id, owner)
         async with self.engine.begin() as conn:
             return await conn.run_sync(_claim, run_id)
-
-    @staticmethod
-    async def update_in(conn: AsyncConnection, run_id: str, **values: Any) -> None:
-        """Update a run inside an open transaction."""
-        await conn.execute(
-            update(runs).where(runs.c.run_id == run_id).values(updated_at=now(), **values)
-        )
-
-    @staticmethod
-    async def add_events(
-        conn: AsyncConnection, tenant_id: str, run_id: str, events: Sequence[tuple[int, str, Any]]
-    ) -> None:
-        """Append ``(seq, event, data)`` rows."""
-        if events:
-            await conn.execute(
-                run_events.insert(),
-                [
-                    {
-                        "run_id": run_id,
-                        "tenant_id": tenant_id,
-                        "seq": seq,
-                        "event": name,
-                        "data": data,
-                    }
-                    for seq, name, data in events
-                ],
-            )
 
     async def events(self, run_id: str, after: int = -1) -> list[tuple[int, str, Any]]:
         """Stored events of a run with ``seq > after``, in order."""

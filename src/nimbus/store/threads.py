@@ -328,14 +328,3 @@ class ThreadStore:
             query = query.order_by(checkpoints.c.created_at.desc(), checkpoints.c.step.desc())
             match = JsonMatch(self.engine.dialect.name, (checkpoints.c.metadata, metadata))
             return await match.page(conn, query, limit, 0)
-
-    @staticmethod
-    async def set_status(
-        conn: AsyncConnection, tenant_id: str, thread_id: str, status: str
-    ) -> None:
-        """Set a thread's status (idle / busy / interrupted / error)."""
-        await conn.execute(
-            update(threads)
-            .where(threads.c.tenant_id == tenant_id, threads.c.thread_id == thread_id)
-            .values(status=status, updated_at=now())
-        )

@@ -6,6 +6,8 @@ endpoint also honours the usual ``OPENAI_BASE_URL`` and ``OPENAI_API_KEY``.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -114,6 +116,12 @@ class Settings(BaseSettings):
     )
     shutdown_grace_s: float = Field(
         default=10.0, ge=0, description="Time running steps get at shutdown."
+    )
+    durability: Literal["sync", "async", "exit"] = Field(
+        default="async",
+        description="When a run's steps are written, for runs that do not say (`durability`): "
+        "`async`, while the next step runs; `sync`, before it starts; `exit`, only at the run's "
+        "end. Before a tool that is not idempotent the step is always written first.",
     )
     log_format: str = Field(default="json", description="`json` or `console`.")
     tool_modules: list[str] | None = Field(

@@ -40,6 +40,8 @@ def _tool_log(tmp: Path) -> list[str]:
 
 
 async def _start_run(api: LiveServer, config: dict[str, Any]) -> tuple[str, str]:
+    """Start a run whose steps are durable before the next starts (``durability="sync"``):
+    the tests below count exactly which calls a take-over repeats."""
     client = get_client(url=api.url, api_key=ADMIN_KEY)
     assistant = await client.assistants.create(graph_id="agent", config=config)
     thread = await client.threads.create()
@@ -47,6 +49,7 @@ async def _start_run(api: LiveServer, config: dict[str, Any]) -> tuple[str, str]
         thread["thread_id"],
         assistant["assistant_id"],
         input={"messages": [{"role": "user", "content": "go"}]},
+        durability="sync",
     )
     return thread["thread_id"], run["run_id"]
 

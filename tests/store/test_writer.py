@@ -138,3 +138,32 @@ async def test_the_end_of_a_run_leaves_its_thread_busy_while_another_waits(
     assert thread is not None and thread["status"] == "busy"
     stored = await db.runs.get(TENANT, run["run_id"])
     assert stored is not None and (stored["status"], stored["error"]) == ("error", "boom")
+
+
+async def test_steps_of_one_run_in_one_batch_land_in_order(db: Database) -> None:
+    """With durability "async" a run's next step can be queued before the last one landed:
+    in one batch, the run keeps the last state and end, the thread the last values, and
+    every step its checkpoint and events."""
+    run = await _queued_run(db)
+    await _claim(db, run)
+    before = db.steps.batches
+    # a model call's step and its tool's step share a step number: the history keeps them
+    # in order all the same
+    steps = [
+        _step(run, 1),
+        _step(run, 2, step=1),
+        _step(run, 3, values=None, end=("success", None, "idle")),
+    ]
+    results = await asyncio.gather(*(db.steps.submit(step) for step in steps))
+    assert results == [None, None, "success"]
+    assert db.steps.batches - before == 1  # one transaction for the three
+    stored = await db.runs.get(TENANT, run["run_id"])
+    assert stored is not None
+    assert (stored["status"], stored["state"]) == ("success", {"step": 3})
+    thread = await db.threads.get(TENANT, run["thread_id"])
+    assert thread is not None and thread["status"] == "idle"
+    assert thread["values"]["messages"][0]["content"] == "step 2"
+    assert thread["checkpoint_id"] == steps[1].checkpoint_id
+    history = await db.threads.history(TENANT, run["thread_id"])
+    assert [h["checkpoint_id"] for h in history] == [s.checkpoint_id for s in steps[1::-1]]
+    assert [e[0] for e in await db.runs.events(run["run_id"])] == [1, 2, 3, 101, 102, 103]

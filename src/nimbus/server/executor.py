@@ -68,24 +68,78 @@ class RunCheckpoints:
     values (a checkpoint in its history) and the buffered events atomically, through the
     database's group-committing :class:`~nimbus.store.writer.StepWriter`.
 
+    When a save is durable depends on the run's ``durability`` (LangGraph's run option):
+
+    - ``sync``: before the next model or tool call starts. A run resumed after a crash
+      repeats no call that had completed.
+    - ``async`` (the default): the next call starts while the step is being written. A crash
+      in between resumes the run from the step before, so the calls of that one step may be
+      repeated, as if the crash had come a moment earlier.
+    - ``exit``: steps are not written; the run's end is. A crash restarts the run from its
+      input.
+
+    Whatever the mode, a step that asks for a tool that is not idempotent is durable before
+    the tool runs, so such a tool is never run again after a crash. The writer keeps each
+    run's writes in order, and the run's end waits for all of them (:meth:`flush`).
+
     The last save of a run (its state finished or failed) is left to
     :meth:`RunExecution.finish`, which writes it together with the run's final status.
     """
 
-    def __init__(self, executor: RunExecution) -> None:
+    def __init__(self, executor: RunExecution, durability: str, unsafe: frozenset[str]) -> None:
         self.x = executor
+        self.durability = durability
+        self.unsafe = unsafe  #: names of the run's tools that are not idempotent
+        self.inflight: list[asyncio.Future[str | None]] = []
 
     async def save(self, state: RunState) -> None:
         x = self.x
         if state.status != "running":
             x.unsaved_final = True
             return
-        await x.db.steps.write(x.step_write(state))
+        unsafe_next = bool(self.unsafe) and _calls_unsafe(state.messages, self.unsafe)
+        if self.durability == "exit" and not unsafe_next:
+            x.unsaved_final = True  # the end writes the last state as a checkpoint
+            return
+        self._check()
+        if len(self.inflight) >= MAX_INFLIGHT_STEPS:  # the writer is behind: wait for it
+            await self.flush()
+        written = x.db.steps.submit(x.step_write(state))
+        written.add_done_callback(_retrieve)
+        self.inflight.append(written)
         x.saved_any = True
+        if self.durability == "sync" or unsafe_next:
+            await self.flush()
+
+    def _check(self) -> None:
+        """Forget the writes that landed; raise the error of one that failed."""
+        while self.inflight and self.inflight[0].done():
+            self.inflight.pop(0).result()
+
+    async def flush(self) -> None:
+        """Wait until every step saved so far is written; raises what a write raised."""
+        if self.inflight:
+            await asyncio.shield(self.inflight[-1])  # they are done in order
+            self._check()
 
     async def load(self, run_id: str) -> RunState | None:
         run = await self.x.db.runs.get_any(run_id)
         return _state_from(run["state"]) if run and run.get("state") else None
+
+
+MAX_INFLIGHT_STEPS = 4  #: step writes of one run in flight before a save waits for them
+
+
+def _retrieve(future: asyncio.Future[str | None]) -> None:
+    """Mark a write's error seen: a run that stops early never asks for it (it was logged)."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _calls_unsafe(messages: list[Message], unsafe: frozenset[str]) -> bool:
+    """Whether the last message asks for a tool that is not idempotent."""
+    last = messages[-1] if messages else None
+    return isinstance(last, AssistantMessage) and any(c.name in unsafe for c in last.tool_calls)
 
 
 def _state_json(state: RunState) -> orjson.Fragment:
@@ -128,6 +182,8 @@ class RunExecution:
         self.lease_token: int = run.get("lease_token") or 0
         self.others_waiting = False  # at the end: the thread has other runs waiting
         self.outcome: tuple[str, str | None, dict[str, Any]] | None = None
+        self.durability: str = kwargs.get("durability") or "sync"  # runs queued before it
+        self.checkpoints = RunCheckpoints(self, self.durability, frozenset())
         self.emit = _Emitter(self.run_id, broker, last_seq)
         self.history = thread_messages(thread.get("values"))
         self.base = len(self.history)
@@ -168,9 +224,10 @@ class RunExecution:
         """Run to the end; returns the final status (success / error / interrupted)."""
         saved = self.run.get("state")
         state = _state_from(saved) if saved else self.initial_state()
-        checkpoints = RunCheckpoints(self)
         model = self.agents.model(self.agent.model)
         tools = self.agents.tools_for(self.agent)
+        unsafe = frozenset(t.name for t in tools if not t.idempotent)
+        self.checkpoints = checkpoints = RunCheckpoints(self, self.durability, unsafe)
         self.state = state  # a fresh run is saved at its first step: until then it is rebuilt
         loop = AgentRun(
             self.agent,
@@ -232,6 +289,7 @@ class RunExecution:
     async def finish(self, status: str, error: str | None, reason: str | None) -> None:
         """Write the run's end in one go: its status and state, the last checkpoint (when the
         last step was not saved yet), the thread's status and the last events."""
+        await self.checkpoints.flush()  # the steps before the end are all written
         if error is not None:
             self.emit("error", {"error": reason or "RunError", "message": error})
         write = self.step_write(

@@ -190,7 +190,11 @@ class RunCreate(Body):
     webhook: str | None = None
     checkpoint: JSONObject | None = None
     checkpoint_id: str | None = None
-    durability: str | None = None
+    durability: Literal["sync", "async", "exit"] | None = Field(
+        default=None,
+        description="When the run's steps are written: `async` (while the next step runs), "
+        "`sync` (before it starts) or `exit` (only at the end); the server's default if unset.",
+    )
     feedback_keys: list[str] | None = None
 
 

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -136,11 +137,18 @@ class StepWriter:
     async def write(self, step: StepWrite) -> str | None:
         """Write ``step`` durably; for a run's end, returns its final status (``interrupted``
         when it was cancelled meanwhile)."""
+        return await asyncio.shield(self.submit(step))  # a cancelled caller's write still lands
+
+    def submit(self, step: StepWrite) -> asyncio.Future[str | None]:
+        """Queue ``step`` for writing; the future is done once it is durable (or failed).
+
+        Writes are done in the order they were submitted: when a write's future is done,
+        so are the futures of every write submitted before it."""
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._loop(), name="nimbus-step-writer")
         future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((step, future))
-        return await asyncio.shield(future)  # a cancelled caller's write still lands
+        return future
 
     async def close(self) -> None:
         """Finish the writes queued so far, then stop the writer task."""
@@ -218,32 +226,41 @@ _PG_STEPS = """
 WITH s AS (
     SELECT u.run_id, u.thread_id, u.tenant_id, u.state::json AS state, u.vals,
            u.checkpoint_id, u.parent_id, u.step, u.next::json AS next, u.end_status,
-           u.end_error, u.end_thread_status
+           u.end_error, u.end_thread_status, u.ord
     FROM unnest(
         $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
         $8::int[], $9::text[], $10::text[], $11::text[], $12::text[], $19::bigint[]
-    ) AS u(run_id, thread_id, tenant_id, state, vals, checkpoint_id, parent_id,
-           step, next, end_status, end_error, end_thread_status, token)
+    ) WITH ORDINALITY AS u(run_id, thread_id, tenant_id, state, vals, checkpoint_id, parent_id,
+           step, next, end_status, end_error, end_thread_status, token, ord)
     -- fencing: only the holder of the run's current lease writes; the lock keeps a sweep or
     -- a claim from changing the token before this statement is done
     JOIN runs r ON r.run_id = u.run_id AND r.lease_token = u.token
     FOR UPDATE OF r
 ),
+-- A batch may hold several steps of one run (durability "async"): every step's checkpoint
+-- and events are stored, the run takes the last step's state and end, the thread the last
+-- step's values.
+l AS (SELECT DISTINCT ON (run_id) * FROM s ORDER BY run_id, ord DESC),
+lv AS (
+    SELECT DISTINCT ON (run_id) run_id, vals, checkpoint_id FROM s
+    WHERE vals IS NOT NULL ORDER BY run_id, ord DESC
+),
 t AS (
     UPDATE threads SET
-        "values" = COALESCE(s.vals::jsonb, threads."values"),
-        checkpoint_id = CASE WHEN s.vals IS NULL THEN threads.checkpoint_id
-                             ELSE s.checkpoint_id END,
+        "values" = COALESCE(lv.vals::jsonb, threads."values"),
+        checkpoint_id = CASE WHEN lv.vals IS NULL THEN threads.checkpoint_id
+                             ELSE lv.checkpoint_id END,
         status = CASE
-            WHEN s.end_thread_status IS NULL THEN threads.status
+            WHEN l.end_thread_status IS NULL THEN threads.status
             WHEN EXISTS (
                 SELECT 1 FROM runs o
-                WHERE o.tenant_id = s.tenant_id AND o.thread_id = s.thread_id
-                AND o.run_id <> s.run_id AND o.status IN ('pending', 'running')
+                WHERE o.tenant_id = l.tenant_id AND o.thread_id = l.thread_id
+                AND o.run_id <> l.run_id AND o.status IN ('pending', 'running')
             ) THEN 'busy'
-            ELSE s.end_thread_status END,
+            ELSE l.end_thread_status END,
         updated_at = $13
-    FROM s WHERE threads.tenant_id = s.tenant_id AND threads.thread_id = s.thread_id
+    FROM l LEFT JOIN lv ON lv.run_id = l.run_id
+    WHERE threads.tenant_id = l.tenant_id AND threads.thread_id = l.thread_id
     RETURNING threads.tenant_id, threads.thread_id, threads.status
 ),
 c AS (
@@ -251,7 +268,8 @@ c AS (
                              "values", metadata, next, created_at)
     SELECT s.checkpoint_id, s.tenant_id, s.thread_id, s.parent_id, s.run_id, s.step,
            s.vals::json,
-           jsonb_build_object('run_id', s.run_id, 'step', s.step, 'source', 'loop'), s.next, $13
+           jsonb_build_object('run_id', s.run_id, 'step', s.step, 'source', 'loop'), s.next,
+           $13 + s.ord * interval '1 microsecond'  -- the history's order, within a batch too
     FROM s WHERE s.vals IS NOT NULL
 ),
 e AS (
@@ -262,16 +280,16 @@ e AS (
     WHERE v.run_id IN (SELECT run_id FROM s)
 )
 UPDATE runs SET
-    status = CASE WHEN s.end_status IS NULL OR runs.status = 'interrupted' THEN runs.status
-                  ELSE s.end_status END,
-    error = CASE WHEN s.end_status IS NULL OR runs.status = 'interrupted' THEN runs.error
-                 ELSE s.end_error END,
-    state = s.state,
+    status = CASE WHEN l.end_status IS NULL OR runs.status = 'interrupted' THEN runs.status
+                  ELSE l.end_status END,
+    error = CASE WHEN l.end_status IS NULL OR runs.status = 'interrupted' THEN runs.error
+                 ELSE l.end_error END,
+    state = l.state,
     updated_at = $13,
     -- the run's end gives its lease up
-    lease_owner = CASE WHEN s.end_status IS NULL THEN runs.lease_owner END
-FROM s LEFT JOIN t ON t.tenant_id = s.tenant_id AND t.thread_id = s.thread_id
-WHERE runs.run_id = s.run_id
+    lease_owner = CASE WHEN l.end_status IS NULL THEN runs.lease_owner END
+FROM l LEFT JOIN t ON t.tenant_id = l.tenant_id AND t.thread_id = l.thread_id
+WHERE runs.run_id = l.run_id
 RETURNING runs.run_id, runs.status, t.status AS thread_status
 """
 
@@ -337,6 +355,12 @@ def write_steps(conn: Connection, steps: list[StepWrite]) -> list[str | None]:
                 for s in with_values
             ],
         )
+    running = [s for s in steps if s.end is None]
+    if running:
+        conn.execute(
+            _SET_STATE,
+            [{"b_run_id": s.run_id, "b_state": s.state, "b_stamp": stamp} for s in running],
+        )
     for s in steps:
         if s.end is not None:
             params = {
@@ -366,12 +390,6 @@ def write_steps(conn: Connection, steps: list[StepWrite]) -> list[str | None]:
                     _SET_STATE, {"b_run_id": s.run_id, "b_state": s.state, "b_stamp": stamp}
                 )
             results[i] = s.end[0] if ended else "interrupted"
-    running = [s for s in steps if s.end is None]
-    if running:
-        conn.execute(
-            _SET_STATE,
-            [{"b_run_id": s.run_id, "b_state": s.state, "b_stamp": stamp} for s in running],
-        )
     saved = [s for s in steps if s.values is not None]
     if saved:
         conn.execute(
@@ -387,9 +405,10 @@ def write_steps(conn: Connection, steps: list[StepWrite]) -> list[str | None]:
                     "values": s.values,
                     "metadata": {"run_id": s.run_id, "step": s.step, "source": "loop"},
                     "next": s.next_nodes,
-                    "created_at": stamp,
+                    # the history's order, within a batch too
+                    "created_at": stamp + timedelta(microseconds=i),
                 }
-                for s in saved
+                for i, s in enumerate(saved, 1)
             ],
         )
     events = [

@@ -120,6 +120,7 @@ async def create_run(
         "stream_mode": body.stream_mode if default_modes is None else default_modes,
         "command": body.command,
         "on_completion": body.on_completion,
+        "durability": body.durability or svc.settings.durability,
     }
     run = await svc.db.runs.create(
         caller.tenant_id,

@@ -87,7 +87,7 @@ async def test_wait_join_and_conversation_continues(server: LiveServer) -> None:
         assistant["assistant_id"],
         input={"messages": [{"role": "user", "content": "second"}]},
     )
-    assert run["status"] == "pending"
+    assert run["status"] in ("pending", "running")  # running: it started as it was queued
     joined = await client.runs.join(thread["thread_id"], run["run_id"])
     human = [m["content"] for m in joined["messages"] if m["type"] == "human"]
     assert human == ["first", "second"]

@@ -104,6 +104,7 @@ class WorkerPool:
         self._done: dict[str, Completion] = {}
         self._given: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
         self._thread_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._reserved = 0  # slots held for runs being queued (reserve)
         self._accepting = False
 
     async def start(self) -> None:
@@ -128,13 +129,54 @@ class WorkerPool:
             log.info("run.recovered", run_id=run["run_id"], status=run["status"])
             self.submit(run)
 
-    def submit(self, run: dict[str, Any], assistant: dict[str, Any] | None = None) -> None:
-        """Queue a run (already stored as pending). ``run`` is its row; ``assistant``, read
-        by the request that made it, spares the worker reading it again."""
+    def reserve(self, tenant_id: str) -> bool:
+        """Hold a slot for a run of ``tenant_id`` about to be queued (SQLite), so that it is
+        claimed as it is queued and starts at once; False when it would have to wait (no
+        free slot, the tenant at its cap, runs queued before it) or on PostgreSQL. The slot
+        is given back by :meth:`submit` (``reserved=True``) or :meth:`release`."""
+        if self.shared or not self._accepting or self._turn:
+            return False
+        if len(self._tasks) + self._reserved >= self.concurrency:
+            return False
+        if self._running.get(tenant_id, 0) >= self.tenant_max_running:
+            return False
+        self._reserved += 1
+        self._running[tenant_id] = self._running.get(tenant_id, 0) + 1
+        return True
+
+    def release(self, tenant_id: str) -> None:
+        """Give back a slot of :meth:`reserve`."""
+        self._reserved -= 1
+        self._running[tenant_id] -= 1
+        if not self._running[tenant_id]:
+            del self._running[tenant_id]
+        self._dispatch()
+
+    def submit(
+        self,
+        run: dict[str, Any],
+        assistant: dict[str, Any] | None = None,
+        *,
+        reserved: bool = False,
+    ) -> None:
+        """Queue a run (already stored as pending, or claimed as it was queued: then it has
+        its thread as ``claimed_thread``). ``run`` is its row; ``assistant``, read by the
+        request that made it, spares the worker reading it again; ``reserved``: a slot was
+        held for it (:meth:`reserve`)."""
         if self.shared:
             self._submit_shared(run, assistant)
             return
         run_id, tenant = run["run_id"], run["tenant_id"]
+        if reserved:
+            self.release(tenant)
+        if "claimed_thread" in run:
+            thread = run.pop("claimed_thread")
+            if self._accepting:  # else it is resumed at the next start, like any other
+                self._open(run_id)
+                if assistant is not None:
+                    self._given[run_id] = (run, assistant)
+                self._start_task(run_id, tenant, (run, thread))
+            return
         self._open(run_id)
         if assistant is not None:
             self._given[run_id] = (run, assistant)
@@ -288,7 +330,7 @@ class WorkerPool:
 
     def _dispatch(self) -> None:
         """Start queued runs while there are free slots, one tenant after another."""
-        while self._accepting and len(self._tasks) < self.concurrency:
+        while self._accepting and len(self._tasks) + self._reserved < self.concurrency:
             for _ in range(len(self._turn)):
                 tenant = self._turn[0]
                 self._turn.rotate(-1)

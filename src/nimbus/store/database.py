@@ -10,6 +10,7 @@ from nimbus.store.items import ItemStore
 from nimbus.store.keys import KeyStore
 from nimbus.store.pg import PgHotPath
 from nimbus.store.runs import RunStore
+from nimbus.store.sqlite_fast import SqliteHotPath
 from nimbus.store.threads import ThreadStore
 from nimbus.store.writer import StepWriter
 
@@ -20,17 +21,20 @@ class Database:
     def __init__(self, engine: AsyncEngine, fast: PgHotPath | None = None) -> None:
         self.engine = engine
         self.fast = fast
+        #: SQLite's per-run statements (PostgreSQL's are ``fast``)
+        self.lite = SqliteHotPath(engine) if engine.dialect.name == "sqlite" else None
         self.assistants = AssistantStore(engine, fast)
         self.threads = ThreadStore(engine, fast)
-        self.runs = RunStore(engine, fast)
+        self.runs = RunStore(engine, fast, self.lite)
         self.items = ItemStore(engine)
         self.keys = KeyStore(engine)
-        self.steps = StepWriter(engine, fast)
+        self.steps = StepWriter(engine, fast, self.lite)
 
     @classmethod
     async def open(cls, url: str, *, run_migrations: bool = True, pool_size: int = 20) -> Database:
         """Connect to ``url`` and bring its schema up to date. PostgreSQL also gets the
-        asyncpg pool of the per-run statements (:mod:`nimbus.store.pg`)."""
+        asyncpg pool of the per-run statements (:mod:`nimbus.store.pg`); SQLite runs them on
+        its raw connection (:mod:`nimbus.store.sqlite_fast`)."""
         engine = create_engine(url, pool_size=pool_size)
         if run_migrations:
             await migrate(engine)

@@ -21,7 +21,8 @@ from nimbus.store.common import (
 from nimbus.store.db import autocommit
 from nimbus.store.pg import PgHotPath
 from nimbus.store.schema import idempotency_keys, run_attempts, run_events, runs, threads
-from nimbus.store.threads import create_thread, get_thread
+from nimbus.store.sqlite_fast import SqliteHotPath
+from nimbus.store.threads import create_thread
 
 ACTIVE = ("pending", "running")
 FINAL = ("success", "error", "timeout", "interrupted")
@@ -42,14 +43,7 @@ _ACTIVE_RUNS = select(runs.c.run_id).where(
     runs.c.thread_id == bindparam("b_thread_id"),
     _IS_ACTIVE,
 )
-_CLAIM = (
-    update(runs)
-    .where(runs.c.run_id == bindparam("b_run_id"), _IS_ACTIVE)
-    .values(status="running", attempts=runs.c.attempts + 1, updated_at=bindparam("b_stamp"))
-    .returning(*runs.c)
-)
 _INSERT = runs.insert()
-_ATTEMPT = run_attempts.insert()
 
 
 def _queue(
@@ -137,33 +131,16 @@ def _claim_key(
     return None
 
 
-def _claim(conn: Connection, run_id: str) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
-    """:meth:`RunStore.claim` inside a transaction (synchronous, for ``run_sync``)."""
-    stamp = now()
-    claimed = row(conn.execute(_CLAIM, {"b_run_id": run_id, "b_stamp": stamp}).mappings().first())
-    if claimed is None:
-        return None
-    tenant_id, thread_id = claimed["tenant_id"], claimed["thread_id"]
-    conn.execute(_BUSY, {"b_tenant_id": tenant_id, "b_thread_id": thread_id, "b_stamp": stamp})
-    conn.execute(
-        _ATTEMPT,
-        {
-            "run_id": run_id,
-            "attempt": claimed["attempts"],
-            "tenant_id": tenant_id,
-            "claimed_at": stamp,
-        },
-    )
-    return claimed, get_thread(conn, tenant_id, thread_id)
-
-
 class RunStore:
     """Queries on runs and run events; every method is scoped by ``tenant_id``."""
 
-    def __init__(self, engine: AsyncEngine, fast: PgHotPath | None = None) -> None:
+    def __init__(
+        self, engine: AsyncEngine, fast: PgHotPath | None = None, lite: SqliteHotPath | None = None
+    ) -> None:
         self.engine = engine
         self.auto = autocommit(engine)
         self.fast = fast
+        self.lite = lite
 
     async def create(
         self,
@@ -177,6 +154,7 @@ class RunStore:
         if_not_exists: str = "reject",
         temporary: bool = False,
         idempotency: tuple[str, str] | None = None,
+        claim: bool = False,
     ) -> dict[str, Any] | None:
         """Queue a run. Returns None if the thread does not exist (and may not be created).
 
@@ -187,6 +165,10 @@ class RunStore:
         ``idempotency`` is ``(key, request hash)``: the same key with the same request returns
         the run made the first time (with ``replayed: True``); with another request it raises
         :class:`IdempotencyConflict`.
+
+        ``claim`` (SQLite, for a worker slot already reserved): a run that can start at once
+        is claimed in the same transaction; it comes back ``running`` with its thread as
+        ``claimed_thread``. Otherwise (or on PostgreSQL) it comes back ``pending``.
         """
         if self.fast is not None and thread_id is None and idempotency is None:
             return await self.fast.queue_stateless_run(
@@ -200,6 +182,12 @@ class RunStore:
         if self.fast is not None and thread_id is not None and idempotency is None:
             queued = await self.fast.queue_run(
                 tenant_id, thread_id, assistant_id, kwargs, metadata, multitask_strategy
+            )
+            if queued is not None:
+                return queued  # else no such thread: the general path below decides
+        if self.lite is not None and thread_id is not None and idempotency is None:
+            queued = await self.lite.queue_run(
+                tenant_id, thread_id, assistant_id, kwargs, metadata, multitask_strategy, claim
             )
             if queued is not None:
                 return queued  # else no such thread: the general path below decides
@@ -351,8 +339,8 @@ class RunStore:
         run whose thread has another run in progress is not claimable yet (None)."""
         if self.fast is not None:
             return await self.fast.claim(run_id, owner)
-        async with self.engine.begin() as conn:
-            return await conn.run_sync(_claim, run_id)
+        assert self.lite is not None, "a database is PostgreSQL or SQLite"
+        return await self.lite.claim(run_id)
 
     async def events(self, run_id: str, after: int = -1) -> list[tuple[int, str, Any]]:
         """Stored events of a run with ``seq > after``, in order."""

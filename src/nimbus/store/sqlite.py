@@ -94,6 +94,15 @@ class InLoopConnection:
         return self._connection
 
     @property
+    def raw(self) -> sqlite3.Connection:
+        """The sqlite3 connection itself (see :mod:`nimbus.store.sqlite_fast`)."""
+        return self._conn
+
+    def is_open(self) -> bool:
+        """Whether it was not closed."""
+        return self._connection is not None
+
+    @property
     def isolation_level(self) -> str | None:
         return self._conn.isolation_level
 

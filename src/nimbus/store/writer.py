@@ -15,84 +15,22 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 import asyncpg
 import structlog
-from sqlalchemy import Connection, bindparam, case, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nimbus.exceptions import LeaseLost
 from nimbus.store.common import new_id, now
 from nimbus.store.db import dump_json, unavailable
 from nimbus.store.pg import PgHotPath
-from nimbus.store.schema import checkpoints, run_events, runs, threads
+from nimbus.store.sqlite_fast import SqliteHotPath
 
 log = structlog.get_logger("nimbus.store")
 MAX_BATCH = 256
 DEADLOCK_RETRIES = 3
 LOST = "lease lost"  #: a write refused: the writer's lease token is no longer the run's
-
-# SQLite's statements (PostgreSQL's are _PG_STEPS below); JSON parameters typed as their column.
-_JSON = threads.c["values"].type
-_STATE = runs.c.state.type
-_SET_STATE = (
-    update(runs)
-    .where(runs.c.run_id == bindparam("b_run_id"))
-    .values(state=bindparam("b_state", type_=_STATE), updated_at=bindparam("b_stamp"))
-)
-_SET_VALUES = (
-    update(threads)
-    .where(
-        threads.c.tenant_id == bindparam("b_tenant_id"),
-        threads.c.thread_id == bindparam("b_thread_id"),
-    )
-    .values(
-        values=bindparam("b_values", type_=_JSON),
-        checkpoint_id=bindparam("b_checkpoint_id"),
-        updated_at=bindparam("b_stamp"),
-    )
-)
-# A run's end: the thread goes to the given status, or stays busy while another run of it is
-# active; the run takes its final status unless it was interrupted meanwhile.
-_OTHER_ACTIVE = (
-    select(runs.c.run_id)
-    .where(
-        runs.c.tenant_id == bindparam("b_tenant_id"),
-        runs.c.thread_id == bindparam("b_thread_id"),
-        runs.c.run_id != bindparam("b_run_id"),
-        or_(runs.c.status == "pending", runs.c.status == "running"),
-    )
-    .exists()
-)
-_END_THREAD = (
-    update(threads)
-    .where(
-        threads.c.tenant_id == bindparam("b_tenant_id"),
-        threads.c.thread_id == bindparam("b_thread_id"),
-    )
-    .values(
-        status=case((_OTHER_ACTIVE, "busy"), else_=bindparam("b_status")),
-        updated_at=bindparam("b_stamp"),
-    )
-)
-_END_THREAD_VALUES = _END_THREAD.values(
-    values=bindparam("b_values", type_=_JSON), checkpoint_id=bindparam("b_checkpoint_id")
-)
-_END_RUN = (
-    update(runs)
-    .where(runs.c.run_id == bindparam("b_run_id"), runs.c.status != "interrupted")
-    .values(
-        status=bindparam("b_status"),
-        error=bindparam("b_error"),
-        state=bindparam("b_state", type_=_STATE),
-        updated_at=bindparam("b_stamp"),
-    )
-    .returning(runs.c.run_id)
-)
-_INSERT_CHECKPOINT = checkpoints.insert()
-_INSERT_EVENTS = run_events.insert()
 
 
 @dataclass
@@ -123,9 +61,12 @@ _Item = tuple[StepWrite, "asyncio.Future[str | None]"]
 class StepWriter:
     """The single writer task of a process (see the module's docstring)."""
 
-    def __init__(self, engine: AsyncEngine, fast: PgHotPath | None = None) -> None:
+    def __init__(
+        self, engine: AsyncEngine, fast: PgHotPath | None = None, lite: SqliteHotPath | None = None
+    ) -> None:
         self.engine = engine
         self.fast = fast
+        self.lite = lite
         #: how long a batch is retried while the database is unreachable (a worker sets its
         #: lease time: past it the run is another worker's, and the write would be refused)
         self.outage_s = 0.0
@@ -204,8 +145,8 @@ class StepWriter:
             try:
                 if self.fast is not None:
                     return await write_steps_pg(self.fast.pool, steps)
-                async with self.engine.begin() as conn:
-                    return await conn.run_sync(write_steps, steps)
+                assert self.lite is not None, "a database is PostgreSQL or SQLite"
+                return await self.lite.write_steps(steps)
             except asyncpg.DeadlockDetectedError:
                 # a run being queued on a thread (interrupt) locks the thread, then its runs;
                 # this locks runs, then threads: PostgreSQL aborts one, try again
@@ -330,92 +271,3 @@ async def write_steps_pg(pg: asyncpg.Pool, steps: list[StepWrite]) -> list[str |
         LOST if s.run_id not in status else status[s.run_id] if s.end is not None else None
         for s in given
     ]
-
-
-def write_steps(conn: Connection, steps: list[StepWrite]) -> list[str | None]:
-    """Write ``steps`` inside an open transaction (SQLite; synchronous, for ``run_sync``: one
-    greenlet for the batch, not one per statement). Thread rows are written before run rows,
-    in thread order, as run creation does."""
-    stamp = now()
-    results: list[str | None] = [None] * len(steps)
-    order = sorted(range(len(steps)), key=lambda i: (steps[i].tenant_id, steps[i].thread_id))
-    steps = [steps[i] for i in order]
-    with_values = [s for s in steps if s.values is not None and s.end is None]
-    if with_values:
-        conn.execute(
-            _SET_VALUES,
-            [
-                {
-                    "b_tenant_id": s.tenant_id,
-                    "b_thread_id": s.thread_id,
-                    "b_values": s.values,
-                    "b_checkpoint_id": s.checkpoint_id,
-                    "b_stamp": stamp,
-                }
-                for s in with_values
-            ],
-        )
-    running = [s for s in steps if s.end is None]
-    if running:
-        conn.execute(
-            _SET_STATE,
-            [{"b_run_id": s.run_id, "b_state": s.state, "b_stamp": stamp} for s in running],
-        )
-    for s in steps:
-        if s.end is not None:
-            params = {
-                "b_tenant_id": s.tenant_id,
-                "b_thread_id": s.thread_id,
-                "b_run_id": s.run_id,
-                "b_status": s.end[2],
-                "b_stamp": stamp,
-            }
-            if s.values is None:
-                conn.execute(_END_THREAD, params)
-            else:
-                params.update(b_values=s.values, b_checkpoint_id=s.checkpoint_id)
-                conn.execute(_END_THREAD_VALUES, params)
-    for i, s in zip(order, steps, strict=True):
-        if s.end is not None:
-            params = {
-                "b_run_id": s.run_id,
-                "b_status": s.end[0],
-                "b_error": s.end[1],
-                "b_state": s.state,
-                "b_stamp": stamp,
-            }
-            ended = conn.execute(_END_RUN, params).first() is not None
-            if not ended:  # cancelled meanwhile: it stays interrupted
-                conn.execute(
-                    _SET_STATE, {"b_run_id": s.run_id, "b_state": s.state, "b_stamp": stamp}
-                )
-            results[i] = s.end[0] if ended else "interrupted"
-    saved = [s for s in steps if s.values is not None]
-    if saved:
-        conn.execute(
-            _INSERT_CHECKPOINT,
-            [
-                {
-                    "checkpoint_id": s.checkpoint_id,
-                    "tenant_id": s.tenant_id,
-                    "thread_id": s.thread_id,
-                    "parent_id": s.parent_id,
-                    "run_id": s.run_id,
-                    "step": s.step,
-                    "values": s.values,
-                    "metadata": {"run_id": s.run_id, "step": s.step, "source": "loop"},
-                    "next": s.next_nodes,
-                    # the history's order, within a batch too
-                    "created_at": stamp + timedelta(microseconds=i),
-                }
-                for i, s in enumerate(saved, 1)
-            ],
-        )
-    events = [
-        {"run_id": s.run_id, "tenant_id": s.tenant_id, "seq": seq, "event": name, "data": data}
-        for s in steps
-        for seq, name, data in s.events
-    ]
-    if events:
-        conn.execute(_INSERT_EVENTS, events)
-    return results

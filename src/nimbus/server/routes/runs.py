@@ -122,24 +122,36 @@ async def create_run(
         "on_completion": body.on_completion,
         "durability": body.durability or svc.settings.durability,
     }
-    run = await svc.db.runs.create(
-        caller.tenant_id,
-        thread_id=thread_id,
-        assistant_id=assistant["assistant_id"],
-        kwargs=kwargs,
-        metadata=body.metadata,
-        multitask_strategy=body.multitask_strategy,
-        if_not_exists=body.if_not_exists,
-        temporary=thread_id is None,
-        idempotency=((idempotency_key, request_hash(thread_id, body)) if idempotency_key else None),
-    )
-    if run is None:
-        raise not_found("thread", thread_id or "")
-    if run.get("replayed"):
+    # A free worker slot here: the run is claimed as it is queued, and starts at once.
+    reserved = svc.pool.reserve(caller.tenant_id)
+    try:
+        run = await svc.db.runs.create(
+            caller.tenant_id,
+            thread_id=thread_id,
+            assistant_id=assistant["assistant_id"],
+            kwargs=kwargs,
+            metadata=body.metadata,
+            multitask_strategy=body.multitask_strategy,
+            if_not_exists=body.if_not_exists,
+            temporary=thread_id is None,
+            idempotency=(
+                (idempotency_key, request_hash(thread_id, body)) if idempotency_key else None
+            ),
+            claim=reserved,
+        )
+    except BaseException:
+        if reserved:
+            svc.pool.release(caller.tenant_id)
+        raise
+    if run is None or run.get("replayed"):
+        if reserved:
+            svc.pool.release(caller.tenant_id)
+        if run is None:
+            raise not_found("thread", thread_id or "")
         return run
     for interrupted in run.pop("interrupted_runs", ()):
         svc.pool.cancel_everywhere(interrupted)
-    svc.pool.submit(run, assistant)
+    svc.pool.submit(run, assistant, reserved=reserved)
     return run
 
 

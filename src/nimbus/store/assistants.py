@@ -5,18 +5,15 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import Select, bindparam, delete, func, select, update
+from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nimbus.store.common import JsonMatch, new_id, now, row
 from nimbus.store.db import autocommit
 from nimbus.store.pg import PgHotPath
 from nimbus.store.schema import assistant_versions, assistants
+from nimbus.store.sqlite_fast import SqliteHotPath
 
-_GET = select(assistants).where(
-    assistants.c.tenant_id == bindparam("tenant_id"),
-    assistants.c.assistant_id == bindparam("assistant_id"),
-)
 SORTABLE = {"assistant_id", "graph_id", "name", "created_at", "updated_at"}
 VERSIONED = ("graph_id", "name", "description", "config", "context", "metadata")
 
@@ -24,20 +21,20 @@ VERSIONED = ("graph_id", "name", "description", "config", "context", "metadata")
 class AssistantStore:
     """Queries on assistants; every method is scoped by ``tenant_id``."""
 
-    def __init__(self, engine: AsyncEngine, fast: PgHotPath | None = None) -> None:
+    def __init__(
+        self, engine: AsyncEngine, fast: PgHotPath | None = None, lite: SqliteHotPath | None = None
+    ) -> None:
         self.engine = engine
         self.auto = autocommit(engine)
         self.fast = fast
+        self.lite = lite
 
     async def get(self, tenant_id: str, assistant_id: str) -> dict[str, Any] | None:
         """One assistant, or None (also when it belongs to another tenant)."""
         if self.fast is not None:
             return await self.fast.assistant(tenant_id, assistant_id)
-        async with self.auto.connect() as conn:
-            result = await conn.execute(
-                _GET, {"tenant_id": tenant_id, "assistant_id": assistant_id}
-            )
-            return row(result.mappings().first())
+        assert self.lite is not None, "a database is PostgreSQL or SQLite"
+        return await self.lite.assistant(tenant_id, assistant_id)
 
     async def find(self, tenant_id: str, id_or_name: str) -> dict[str, Any] | None:
         """An assistant by id; else the first one made from the graph of that name; else the

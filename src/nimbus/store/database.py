@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nimbus.store.assistants import AssistantStore
@@ -10,6 +12,7 @@ from nimbus.store.items import ItemStore
 from nimbus.store.keys import KeyStore
 from nimbus.store.pg import PgHotPath
 from nimbus.store.runs import RunStore
+from nimbus.store.sqlite import WalCheckpointer
 from nimbus.store.sqlite_fast import SqliteHotPath
 from nimbus.store.threads import ThreadStore
 from nimbus.store.writer import StepWriter
@@ -23,12 +26,13 @@ class Database:
         self.fast = fast
         #: SQLite's per-run statements (PostgreSQL's are ``fast``)
         self.lite = SqliteHotPath(engine) if engine.dialect.name == "sqlite" else None
-        self.assistants = AssistantStore(engine, fast)
+        self.assistants = AssistantStore(engine, fast, self.lite)
         self.threads = ThreadStore(engine, fast)
         self.runs = RunStore(engine, fast, self.lite)
         self.items = ItemStore(engine)
         self.keys = KeyStore(engine)
         self.steps = StepWriter(engine, fast, self.lite)
+        self.checkpointer: WalCheckpointer | None = None  # SQLite in a file
 
     @classmethod
     async def open(cls, url: str, *, run_migrations: bool = True, pool_size: int = 20) -> Database:
@@ -41,11 +45,21 @@ class Database:
         fast = None
         if engine.dialect.name == "postgresql":
             fast = await PgHotPath.open(url, pool_size)
-        return cls(engine, fast)
+        database = cls(engine, fast)
+        path = engine.url.database
+        if database.lite is not None and path and path != ":memory:":
+            # checkpoints of the log off the event loop (see WalCheckpointer)
+            pages = WalCheckpointer.BACKSTOP_PAGES
+            await database.lite.use(lambda c: c.execute(f"PRAGMA wal_autocheckpoint={pages}"))
+            database.checkpointer = WalCheckpointer(path)
+            database.checkpointer.start()
+        return database
 
     async def close(self) -> None:
         """Finish queued step writes, then close every connection."""
         await self.steps.close()
+        if self.checkpointer is not None:
+            await asyncio.to_thread(self.checkpointer.stop)
         if self.fast is not None:
             await self.fast.close()
         await self.engine.dispose()

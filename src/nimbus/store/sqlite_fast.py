@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from nimbus.store.writer import StepWrite
 
 T = TypeVar("T")
-STAMP = "%Y-%m-%d %H:%M:%S.%f"  # SQLAlchemy's DateTime on SQLite
 
 _SET_VALUES = (
     'UPDATE threads SET "values" = ?, checkpoint_id = ?, updated_at = ? '
@@ -113,13 +112,32 @@ _GET_THREAD = (
     "SELECT " + ", ".join(f'"{c}"' for c in _THREAD_COLUMNS) + " FROM threads "
     "WHERE tenant_id = ? AND thread_id = ?"
 )
-_JSON_COLUMNS = {"metadata", "kwargs", "state", "values"}
+_ASSISTANT_COLUMNS = (
+    "assistant_id",
+    "tenant_id",
+    "graph_id",
+    "name",
+    "description",
+    "config",
+    "context",
+    "metadata",
+    "version",
+    "created_at",
+    "updated_at",
+)
+_GET_ASSISTANT = (
+    f"SELECT {', '.join(_ASSISTANT_COLUMNS)} FROM assistants "
+    "WHERE tenant_id = ? AND assistant_id = ?"
+)
+_JSON_COLUMNS = {"metadata", "kwargs", "state", "values", "config", "context"}
 _TIME_COLUMNS = {"created_at", "updated_at"}
 
 
 def stamp_text(stamp: datetime) -> str:
     """A timestamp as SQLAlchemy stores it on SQLite (UTC, no zone)."""
-    return stamp.astimezone(UTC).strftime(STAMP)
+    if stamp.utcoffset():
+        stamp = stamp.astimezone(UTC)
+    return stamp.replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 def _read(columns: tuple[str, ...], values: tuple[Any, ...]) -> dict[str, Any]:
@@ -144,16 +162,24 @@ class SqliteHotPath:
         """``work(connection, *args)`` in one write transaction, committed when it returns
         and rolled back when it raises. It must not wait on anything: it runs on the event
         loop's thread, holding the process's only database connection."""
+        return await self.use(_transact, work, args)
+
+    async def use(self, work: Callable[..., T], *args: Any) -> T:
+        """``work(connection, *args)`` with the connection to itself (see :meth:`transact`)."""
         pool = self.engine.sync_engine.pool
         known = self._conn
         if known is not None and known.is_open() and not pool.checkedout():  # type: ignore[attr-defined]
             # nobody holds it, and nothing can take it before this returns
-            return _transact(known.raw, work, args)
+            return work(known.raw, *args)
         async with self.engine.connect() as conn:  # waits for whoever holds it
             driver = (await conn.get_raw_connection()).driver_connection
             assert isinstance(driver, InLoopConnection)
             self._conn = driver
-            return _transact(driver.raw, work, args)
+            return work(driver.raw, *args)
+
+    async def assistant(self, tenant_id: str, assistant_id: str) -> dict[str, Any] | None:
+        """One assistant of the tenant by id, or None."""
+        return await self.use(_assistant, tenant_id, assistant_id)
 
     async def write_steps(self, steps: list[StepWrite]) -> list[str | None]:
         """Write a batch of steps in one transaction (see :mod:`nimbus.store.writer`)."""
@@ -339,3 +365,10 @@ def _claim(
 def _thread(conn: sqlite3.Connection, tenant_id: str, thread_id: str) -> dict[str, Any] | None:
     found = conn.execute(_GET_THREAD, (tenant_id, thread_id)).fetchone()
     return None if found is None else _read(_THREAD_COLUMNS, found)
+
+
+def _assistant(
+    conn: sqlite3.Connection, tenant_id: str, assistant_id: str
+) -> dict[str, Any] | None:
+    found = conn.execute(_GET_ASSISTANT, (tenant_id, assistant_id)).fetchone()
+    return None if found is None else _read(_ASSISTANT_COLUMNS, found)

@@ -10,6 +10,7 @@ import orjson
 from nimbus.bench.server import (
     EXPECTED_ANSWER,
     CellResult,
+    Floor,
     Placement,
     bench_server,
     check_stream,
@@ -19,6 +20,7 @@ from nimbus.bench.server import (
 
 def test_tiny_sqlite_bench_runs_every_cell_without_errors() -> None:
     seen: list[CellResult] = []
+    floors: list[Floor] = []
     results = bench_server(
         runs=5,
         concurrencies=[1, 2],
@@ -27,8 +29,11 @@ def test_tiny_sqlite_bench_runs_every_cell_without_errors() -> None:
         databases=["sqlite"],
         turns=2,
         report=seen.append,
+        on_floor=floors.append,
     )
     assert seen == results
+    assert len(floors) == 1 and floors[0].runs > 0
+    assert 0 <= floors[0].added_p50_ms <= floors[0].added_p99_ms
     cells = {(r.database, r.mode, r.concurrency) for r in results}
     assert cells == {("sqlite", m, c) for m in ("stream", "wait") for c in (1, 2)}
     for r in results:

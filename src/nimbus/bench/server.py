@@ -289,6 +289,69 @@ async def _create_threads(
     return threads, spent / max(count, 1)
 
 
+FLOOR_CALLS = 200  # two-call "runs" of the floor measurement
+
+
+@dataclass
+class Floor:
+    """What two model calls back to back cost a caller with no server in between: HTTP on
+    loopback and the fake model's own overhead. Any server pays this on top of the model's
+    latency; what a server adds beyond it is its own."""
+
+    runs: int
+    added_p50_ms: float
+    added_p99_ms: float
+
+
+async def measure_floor(model_url: str, latency_s: float, runs: int = FLOOR_CALLS) -> Floor:
+    """Call the fake model as the server would for one run (two chat requests, the second
+    with the tool's result), ``runs`` times in a row, from this process."""
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "calculator",
+                "description": "Evaluate an arithmetic expression.",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"expression": {"type": "string"}},
+                    "required": ["expression"],
+                },
+            },
+        }
+    ]
+    first = [{"role": "user", "content": RUN_INPUT["messages"][0]["content"]}]
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "calculator", "arguments": TOOL_ARGUMENTS},
+    }
+    second = [
+        *first,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+    ]
+    bodies = [
+        orjson.dumps({"model": "fake-model", "messages": messages, "tools": tools})
+        for messages in (first, second)
+    ]
+    url = model_url + "/chat/completions"
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer bench"}
+    latencies: list[float] = []
+    async with aiohttp.ClientSession() as session:
+        for i in range(runs + 10):  # the first ten warm the connection up
+            t0 = time.perf_counter()
+            for body in bodies:
+                async with session.post(url, data=body, headers=headers) as r:
+                    await r.read()
+                    if r.status != 200:
+                        raise RuntimeError(f"fake model answered {r.status}")
+            if i >= 10:
+                latencies.append(time.perf_counter() - t0 - MODEL_CALLS_PER_RUN * latency_s)
+    latencies.sort()
+    return Floor(runs, _pct(latencies, 0.5) * 1000, _pct(latencies, 0.99) * 1000)
+
+
 async def _sample_every(meter: PostgresCPUMeter, period: float) -> None:
     """Sample ``meter`` every ``period`` seconds until cancelled."""
     while True:
@@ -416,20 +479,27 @@ def bench_server(
     placement: Placement | None = None,
     report: Callable[[CellResult], None] = lambda _: None,
     announce: Callable[[str], None] = lambda _: None,
+    on_floor: Callable[[Floor], None] = lambda _: None,
 ) -> list[CellResult]:
     """Run the benchmark; each cell's figures go to ``report`` as soon as they are measured.
 
     ``announce`` gets a line per database naming the server's pid (to profile it) and, after
-    failed runs, where its log was kept. ``placement`` ``None`` pins nothing. This process's
-    CPU affinity is restored at the end.
+    failed runs, where its log was kept; ``on_floor`` the :class:`Floor`, measured first.
+    ``placement`` ``None`` pins nothing. This process's CPU affinity is restored at the end.
     """
     placement = placement or Placement(None, None, None)
     affinity = os.sched_getaffinity(0)
-    if placement.client_cpu is not None:
-        os.sched_setaffinity(0, {placement.client_cpu})
     proc, model_url = spawn_fake_server(latency_ms / 1000, TOOL_ARGUMENTS, cpu=placement.model_cpu)
     results: list[CellResult] = []
     try:
+        # The floor is measured from the server's core, where the server's calls start.
+        if placement.server_cpu is not None:
+            os.sched_setaffinity(0, {placement.server_cpu})
+        floor = run_async(measure_floor(model_url, latency_ms / 1000))
+        on_floor(floor)
+        os.sched_setaffinity(0, affinity)
+        if placement.client_cpu is not None:
+            os.sched_setaffinity(0, {placement.client_cpu})
         with tempfile.TemporaryDirectory(prefix="nimbus-bench-") as tmp:
             for database in databases:
                 with contextlib.ExitStack() as stack:
@@ -472,9 +542,13 @@ def bench_server(
     return results
 
 
-def as_json(results: list[CellResult], placement: Placement) -> bytes:
+def as_json(results: list[CellResult], placement: Placement, floor: Floor | None = None) -> bytes:
     """All figures as JSON."""
     return orjson.dumps(
-        {"placement": asdict(placement), "results": [asdict(r) for r in results]},
+        {
+            "placement": asdict(placement),
+            "floor": asdict(floor) if floor is not None else None,
+            "results": [asdict(r) for r in results],
+        },
         option=orjson.OPT_INDENT_2,
     )

@@ -146,6 +146,7 @@ def server(
         DATABASES,
         MODES,
         CellResult,
+        Floor,
         Mode,
         as_json,
         bench_server,
@@ -210,6 +211,17 @@ def server(
         for kind, count in r.error_kinds.items():
             console.print(f"  {count} x {kind}", markup=False)
 
+    floors: list[Floor] = []
+
+    def on_floor(floor: Floor) -> None:
+        floors.append(floor)
+        console.print(
+            f"floor: {floor.runs} times two model calls back to back from the server's core, "
+            f"no server: added p50 {floor.added_p50_ms:.1f} ms, p99 {floor.added_p99_ms:.1f} ms "
+            "(loopback HTTP and the fake model's own overhead, paid by any server; the rest "
+            "of 'added' is the server's own)"
+        )
+
     results = bench_server(
         runs=runs,
         concurrencies=concurrencies,
@@ -221,6 +233,7 @@ def server(
         placement=placement,
         report=report,
         announce=console.print,
+        on_floor=on_floor,
     )
     if results:
         model = max(r.model_cpu_pct for r in results)
@@ -233,7 +246,7 @@ def server(
             "the load generator may have limited the figures"
         )
     if json_output:
-        sys.stdout.write(as_json(results, placement).decode() + "\n")
+        sys.stdout.write(as_json(results, placement, floors[0] if floors else None).decode() + "\n")
     if any(r.errors for r in results):
         raise typer.Exit(1)
 

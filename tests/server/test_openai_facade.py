@@ -169,6 +169,7 @@ async def test_errors_are_openai_errors(server: LiveServer, client: openai.Async
     image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
     bad_bodies: list[dict[str, Any]] = [
         {"messages": [{"role": "user", "content": [image]}]},
+        {"messages": [{"role": "user", "content": [{"type": {"not": "a name"}}]}]},
         {"messages": [{"role": "tool", "content": "42"}]},
         {"messages": [{"role": "wizard", "content": "hi"}]},
         {"messages": ASK, "temperature": 9},

@@ -156,7 +156,7 @@ class ChatMessage(_Body):
     def _text_only(cls, value: Any) -> Any:
         for part in value if isinstance(value, list) else ():
             kind = part.get("type")
-            if kind not in TEXT_PARTS:
+            if not isinstance(kind, str) or kind not in TEXT_PARTS:
                 raise ValueError(f"only text content parts are supported, not {kind!r}")
         return value
 

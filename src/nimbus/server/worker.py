@@ -130,11 +130,12 @@ class WorkerPool:
             self.submit(run)
 
     def reserve(self, tenant_id: str) -> bool:
-        """Hold a slot for a run of ``tenant_id`` about to be queued (SQLite), so that it is
-        claimed as it is queued and starts at once; False when it would have to wait (no
-        free slot, the tenant at its cap, runs queued before it) or on PostgreSQL. The slot
-        is given back by :meth:`submit` (``reserved=True``) or :meth:`release`."""
-        if self.shared or not self._accepting or self._turn:
+        """Hold a slot for a run of ``tenant_id`` about to be queued, so that it is claimed
+        (by :attr:`owner`) as it is queued and starts at once; False when it would have to
+        wait (no free slot, the tenant at its cap, runs queued here before it) or when this
+        process runs none (API only). The slot is given back by :meth:`submit`
+        (``reserved=True``) or :meth:`release`."""
+        if not self._accepting or self._turn:
             return False
         if len(self._tasks) + self._reserved >= self.concurrency:
             return False
@@ -150,7 +151,8 @@ class WorkerPool:
         self._running[tenant_id] -= 1
         if not self._running[tenant_id]:
             del self._running[tenant_id]
-        self._dispatch()
+        if not self.shared:
+            self._dispatch()
 
     def submit(
         self,
@@ -163,15 +165,18 @@ class WorkerPool:
         its thread as ``claimed_thread``). ``run`` is its row; ``assistant``, read by the
         request that made it, spares the worker reading it again; ``reserved``: a slot was
         held for it (:meth:`reserve`)."""
-        if self.shared:
-            self._submit_shared(run, assistant)
-            return
         run_id, tenant = run["run_id"], run["tenant_id"]
         if reserved:
             self.release(tenant)
+        if self.shared and "claimed_thread" not in run:
+            self._submit_shared(run, assistant)
+            return
         if "claimed_thread" in run:
             thread = run.pop("claimed_thread")
-            if self._accepting:  # else it is resumed at the next start, like any other
+            if not self._accepting:  # stopping: resumed at the next start, or handed back
+                if self.shared:
+                    self._orphans[run_id] = run["lease_token"]
+            else:
                 self._open(run_id)
                 if assistant is not None:
                     self._given[run_id] = (run, assistant)

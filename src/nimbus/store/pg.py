@@ -161,7 +161,7 @@ _HAND_BACK = _RELEASE.format(
 )
 _PENDING = "SELECT count(*) FROM runs WHERE status = 'pending'"
 _TENANT_PENDING = "SELECT count(*) FROM runs WHERE status = 'pending' AND tenant_id = $1"
-_QUEUE = "SELECT nimbus_queue_run($1, $2, $3, $4, $5, $6, $7, $8)"  # migration 0002
+_QUEUE = "SELECT * FROM nimbus_queue_run($1, $2, $3, $4, $5, $6, $7, $8, $9)"  # migration 0007
 # A run on a new, temporary thread (stateless runs): both rows in one statement.
 _QUEUE_STATELESS = """
 WITH t AS (
@@ -362,12 +362,15 @@ class PgHotPath:
         kwargs: dict[str, Any],
         metadata: dict[str, Any],
         multitask_strategy: str,
+        owner: str | None = None,
     ) -> dict[str, Any] | None:
         """Queue a run on an existing thread (see :meth:`RunStore.create`); None when the
-        tenant has no such thread."""
+        tenant has no such thread. With ``owner``, a run that may start at once is claimed
+        by that worker as it is queued: it comes back running, with its lease token and
+        its thread as ``claimed_thread``."""
         stamp, run_id = now(), new_id()
         try:
-            active = await self.pool.fetchval(
+            found = await self.pool.fetchrow(
                 _QUEUE,
                 run_id,
                 tenant_id,
@@ -377,16 +380,25 @@ class PgHotPath:
                 kwargs,
                 multitask_strategy,
                 stamp,
+                owner,
             )
         except asyncpg.PostgresError as exc:
             if exc.sqlstate == BUSY_STATE:
                 raise ThreadBusy(thread_id) from None
             raise
-        if active is None:
+        if found is None:
             return None
         run = pending_run(
             run_id, tenant_id, thread_id, assistant_id, kwargs, metadata, multitask_strategy, stamp
         )
-        if active:
-            run["interrupted_runs"] = active
+        run.update(lease_owner=None, lease_token=0)
+        if found["claimed"]:
+            run.update(status="running", attempts=1, lease_owner=owner, lease_token=1)
+            run["claimed_thread"] = {
+                "thread_id": thread_id,
+                "values": found["thread_values"],
+                "checkpoint_id": found["thread_checkpoint_id"],
+            }
+        if found["interrupted"]:
+            run["interrupted_runs"] = list(found["interrupted"])
         return run

@@ -154,7 +154,7 @@ class RunStore:
         if_not_exists: str = "reject",
         temporary: bool = False,
         idempotency: tuple[str, str] | None = None,
-        claim: bool = False,
+        claim_as: str | None = None,
     ) -> dict[str, Any] | None:
         """Queue a run. Returns None if the thread does not exist (and may not be created).
 
@@ -166,9 +166,10 @@ class RunStore:
         the run made the first time (with ``replayed: True``); with another request it raises
         :class:`IdempotencyConflict`.
 
-        ``claim`` (SQLite, for a worker slot already reserved): a run that can start at once
-        is claimed in the same transaction; it comes back ``running`` with its thread as
-        ``claimed_thread``. Otherwise (or on PostgreSQL) it comes back ``pending``.
+        ``claim_as`` (a worker of this process, with a slot reserved for the run): a run on
+        an existing thread that can start at once is claimed by that worker as it is queued,
+        in the same transaction; it comes back ``running`` (on PostgreSQL with its lease),
+        with its thread as ``claimed_thread``. Otherwise it comes back ``pending``.
         """
         if self.fast is not None and thread_id is None and idempotency is None:
             return await self.fast.queue_stateless_run(
@@ -181,13 +182,19 @@ class RunStore:
             )
         if self.fast is not None and thread_id is not None and idempotency is None:
             queued = await self.fast.queue_run(
-                tenant_id, thread_id, assistant_id, kwargs, metadata, multitask_strategy
+                tenant_id, thread_id, assistant_id, kwargs, metadata, multitask_strategy, claim_as
             )
             if queued is not None:
                 return queued  # else no such thread: the general path below decides
         if self.lite is not None and thread_id is not None and idempotency is None:
             queued = await self.lite.queue_run(
-                tenant_id, thread_id, assistant_id, kwargs, metadata, multitask_strategy, claim
+                tenant_id,
+                thread_id,
+                assistant_id,
+                kwargs,
+                metadata,
+                multitask_strategy,
+                claim_as is not None,
             )
             if queued is not None:
                 return queued  # else no such thread: the general path below decides

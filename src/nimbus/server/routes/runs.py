@@ -137,7 +137,7 @@ async def create_run(
             idempotency=(
                 (idempotency_key, request_hash(thread_id, body)) if idempotency_key else None
             ),
-            claim=reserved,
+            claim_as=svc.pool.owner if reserved else None,
         )
     except BaseException:
         if reserved:

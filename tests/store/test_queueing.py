@@ -1,0 +1,113 @@
+"""Queueing a run, on SQLite and on PostgreSQL: a run that may start at once is claimed as it
+is queued when a worker slot was reserved for it (``claim_as``), and only then."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+
+from nimbus.store.database import Database
+from nimbus.store.writer import StepWrite
+
+TENANT = "t1"
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    database = await Database.open(database_url)
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+async def _thread_and_assistant(db: Database) -> tuple[str, str]:
+    thread, _ = await db.threads.create(TENANT, thread_id=None, metadata={})
+    assistant, _ = await db.assistants.create(
+        TENANT,
+        assistant_id=None,
+        graph_id="agent",
+        name="a",
+        description=None,
+        config={},
+        context={},
+        metadata={},
+        if_exists="raise",
+    )
+    return thread["thread_id"], assistant["assistant_id"]
+
+
+async def _queue(
+    db: Database, thread_id: str, assistant_id: str, strategy: str, claim_as: str | None
+) -> dict[str, Any]:
+    run = await db.runs.create(
+        TENANT,
+        thread_id=thread_id,
+        assistant_id=assistant_id,
+        kwargs={"input": {"n": 1}},
+        metadata={"m": 1},
+        multitask_strategy=strategy,
+        claim_as=claim_as,
+    )
+    assert run is not None
+    return run
+
+
+async def test_a_run_that_may_start_is_claimed_as_it_is_queued(db: Database) -> None:
+    thread_id, assistant_id = await _thread_and_assistant(db)
+    first = await _queue(db, thread_id, assistant_id, "enqueue", "worker-1")
+    assert first["status"] == "running" and first["attempts"] == 1
+    assert first["claimed_thread"]["thread_id"] == thread_id
+    assert first["claimed_thread"]["values"] == {}
+    stored = await db.runs.get(TENANT, first["run_id"])
+    assert stored is not None
+    assert (stored["status"], stored["attempts"], stored["kwargs"], stored["metadata"]) == (
+        "running",
+        1,
+        {"input": {"n": 1}},
+        {"m": 1},
+    )
+    assert stored["created_at"] == first["created_at"]
+    assert [a["attempt"] for a in await db.runs.attempts(TENANT, first["run_id"])] == [1]
+    if db.fast is not None:  # a lease: its steps write with its token
+        assert (stored["lease_owner"], stored["lease_token"]) == ("worker-1", 1)
+    thread = await db.threads.get(TENANT, thread_id)
+    assert thread is not None and thread["status"] == "busy"
+    step = StepWrite(
+        TENANT,
+        first["run_id"],
+        thread_id,
+        orjson.Fragment(b'{"step": 1}'),
+        values={"messages": []},
+        step=1,
+        lease_token=first["lease_token"],
+    )
+    assert await db.steps.write(step) is None  # landed: not refused as a lost lease
+
+    # the thread is busy now: the next run waits its turn, claimed by nobody
+    second = await _queue(db, thread_id, assistant_id, "enqueue", "worker-1")
+    assert second["status"] == "pending" and "claimed_thread" not in second
+    stored = await db.runs.get(TENANT, second["run_id"])
+    assert stored is not None and (stored["status"], stored["attempts"]) == ("pending", 0)
+    assert await db.runs.attempts(TENANT, second["run_id"]) == []
+
+
+async def test_a_run_interrupting_another_is_not_claimed_as_it_is_queued(db: Database) -> None:
+    thread_id, assistant_id = await _thread_and_assistant(db)
+    first = await _queue(db, thread_id, assistant_id, "enqueue", "worker-1")
+    newer = await _queue(db, thread_id, assistant_id, "interrupt", "worker-1")
+    assert newer["interrupted_runs"] == [first["run_id"]]
+    assert newer["status"] == "pending"  # the interrupted run still holds the thread
+    stored = await db.runs.get(TENANT, first["run_id"])
+    assert stored is not None and stored["status"] == "interrupted"
+
+
+async def test_without_a_reserved_slot_a_run_is_only_queued(db: Database) -> None:
+    thread_id, assistant_id = await _thread_and_assistant(db)
+    run = await _queue(db, thread_id, assistant_id, "reject", None)
+    assert run["status"] == "pending" and "claimed_thread" not in run
+    stored = await db.runs.get(TENANT, run["run_id"])
+    assert stored is not None and (stored["status"], stored["attempts"]) == ("pending", 0)

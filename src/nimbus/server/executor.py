@@ -186,6 +186,8 @@ class RunExecution:
         self.checkpoints = RunCheckpoints(self, self.durability, frozenset())
         self.emit = _Emitter(self.run_id, broker, last_seq)
         self.history = thread_messages(thread.get("values"))
+        self._shaped: list[dict[str, Any]] = []  # messages in LangGraph shape (values)
+        self._shaped_upto = 0  # how many of the state's messages they stand for
         self.base = len(self.history)
         self.system = 1 if self.agent.instructions else 0
         self.step_started = time.perf_counter()
@@ -205,14 +207,19 @@ class RunExecution:
         return f"run-{self.run_id}-{offset}"
 
     def values(self, state: RunState) -> dict[str, Any]:
-        """The thread values after ``state``: its messages, in LangGraph shape."""
-        return {
-            "messages": [
-                to_lg(m, self.message_id(i))
-                for i, m in enumerate(state.messages)
-                if not isinstance(m, SystemMessage)
-            ]
-        }
+        """The thread values after ``state``: its messages, in LangGraph shape.
+
+        A run's messages are only ever appended to, and each keeps its place (and so its
+        id): each is converted once, not at every step (the whole thread each time)."""
+        messages, shaped = state.messages, self._shaped
+        if len(messages) < self._shaped_upto:  # not the state seen so far: start over
+            shaped.clear()
+            self._shaped_upto = 0
+        for i in range(self._shaped_upto, len(messages)):
+            if not isinstance(messages[i], SystemMessage):
+                shaped.append(to_lg(messages[i], self.message_id(i)))
+        self._shaped_upto = len(messages)
+        return {"messages": list(shaped)}
 
     def initial_state(self) -> RunState:
         messages: list[Message] = [SystemMessage(self.agent.instructions)] if self.system else []

@@ -18,6 +18,7 @@ from nimbus.core.messages import (
     UserMessage,
 )
 from nimbus.exceptions import UserError
+from nimbus.store.db import load_json
 
 ROLE_TO_TYPE = {
     "user": "human",
@@ -103,7 +104,7 @@ def to_lg(message: Message, message_id: str, usage: dict[str, int] | None = None
 
 def _args(arguments: str) -> Any:
     try:
-        return json.loads(arguments)
+        return load_json(arguments)
     except ValueError:
         return {"__raw__": arguments}
 

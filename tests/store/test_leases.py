@@ -19,6 +19,7 @@ from nimbus.store.database import Database
 from nimbus.store.db import MIGRATIONS
 from nimbus.store.pg import PgHotPath
 from nimbus.store.writer import StepWrite
+from tests.store.conftest import new_assistant
 
 
 @pytest.fixture
@@ -35,21 +36,6 @@ def _fast(db: Database) -> PgHotPath:
     return db.fast
 
 
-async def _assistant(db: Database, tenant: str) -> str:
-    assistant, _ = await db.assistants.create(
-        tenant,
-        assistant_id=None,
-        graph_id="agent",
-        name="a",
-        description=None,
-        config={},
-        context={},
-        metadata={},
-        if_exists="raise",
-    )
-    return str(assistant["assistant_id"])
-
-
 async def _queue(db: Database, tenant: str, thread_id: str | None = None) -> dict[str, Any]:
     if thread_id is None:
         thread, _ = await db.threads.create(tenant, thread_id=None, metadata={})
@@ -57,7 +43,7 @@ async def _queue(db: Database, tenant: str, thread_id: str | None = None) -> dic
     run = await db.runs.create(
         tenant,
         thread_id=thread_id,
-        assistant_id=await _assistant(db, tenant),
+        assistant_id=await new_assistant(db, tenant),
         kwargs={},
         metadata={},
         multitask_strategy="enqueue",

@@ -3,41 +3,20 @@ is queued when a worker slot was reserved for it (``claim_as``), and only then."
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-import pytest
 
 from nimbus.store.database import Database
 from nimbus.store.writer import StepWrite
+from tests.store.conftest import new_assistant
 
 TENANT = "t1"
 
 
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = await Database.open(database_url)
-    try:
-        yield database
-    finally:
-        await database.close()
-
-
 async def _thread_and_assistant(db: Database) -> tuple[str, str]:
     thread, _ = await db.threads.create(TENANT, thread_id=None, metadata={})
-    assistant, _ = await db.assistants.create(
-        TENANT,
-        assistant_id=None,
-        graph_id="agent",
-        name="a",
-        description=None,
-        config={},
-        context={},
-        metadata={},
-        if_exists="raise",
-    )
-    return thread["thread_id"], assistant["assistant_id"]
+    return thread["thread_id"], await new_assistant(db, TENANT)
 
 
 async def _queue(

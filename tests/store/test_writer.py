@@ -4,44 +4,23 @@ share transactions, a bad step fails alone, and a run's end respects a cancellat
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-import pytest
 
 from nimbus.store.database import Database
 from nimbus.store.writer import StepWrite
+from tests.store.conftest import new_assistant
 
 TENANT = "t1"
 
 
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = await Database.open(database_url)
-    try:
-        yield database
-    finally:
-        await database.close()
-
-
 async def _queued_run(db: Database) -> dict[str, Any]:
     thread, _ = await db.threads.create(TENANT, thread_id=None, metadata={})
-    assistant, _ = await db.assistants.create(
-        TENANT,
-        assistant_id=None,
-        graph_id="agent",
-        name="a",
-        description=None,
-        config={},
-        context={},
-        metadata={},
-        if_exists="raise",
-    )
     run = await db.runs.create(
         TENANT,
         thread_id=thread["thread_id"],
-        assistant_id=assistant["assistant_id"],
+        assistant_id=await new_assistant(db, TENANT),
         kwargs={},
         metadata={},
         multitask_strategy="enqueue",

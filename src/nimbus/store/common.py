@@ -60,6 +60,8 @@ def pending_run(
         "attempts": 0,
         "created_at": stamp,
         "updated_at": stamp,
+        "lease_owner": None,
+        "lease_token": 0,
     }
 
 

@@ -391,7 +391,6 @@ class PgHotPath:
         run = pending_run(
             run_id, tenant_id, thread_id, assistant_id, kwargs, metadata, multitask_strategy, stamp
         )
-        run.update(lease_owner=None, lease_token=0)
         if found["claimed"]:
             run.update(status="running", attempts=1, lease_owner=owner, lease_token=1)
             run["claimed_thread"] = {

@@ -180,21 +180,10 @@ class RunStore:
                 multitask_strategy,
                 {"temporary": True} if temporary else {},
             )
-        if self.fast is not None and thread_id is not None and idempotency is None:
-            queued = await self.fast.queue_run(
+        hot = self.fast or self.lite
+        if hot is not None and thread_id is not None and idempotency is None:
+            queued = await hot.queue_run(
                 tenant_id, thread_id, assistant_id, kwargs, metadata, multitask_strategy, claim_as
-            )
-            if queued is not None:
-                return queued  # else no such thread: the general path below decides
-        if self.lite is not None and thread_id is not None and idempotency is None:
-            queued = await self.lite.queue_run(
-                tenant_id,
-                thread_id,
-                assistant_id,
-                kwargs,
-                metadata,
-                multitask_strategy,
-                claim_as is not None,
             )
             if queued is not None:
                 return queued  # else no such thread: the general path below decides

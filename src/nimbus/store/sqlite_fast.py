@@ -193,12 +193,14 @@ class SqliteHotPath:
         kwargs: dict[str, Any],
         metadata: dict[str, Any],
         multitask_strategy: str,
-        claim: bool,
+        owner: str | None = None,
     ) -> dict[str, Any] | None:
         """Queue a run on an existing thread; None when there is no such thread (the caller
-        then takes the general path, which may create it). With ``claim``, a run that can
-        start at once (no other run of its thread is active) is claimed in the same
-        transaction: it comes back running, with its thread as ``claimed_thread``."""
+        then takes the general path, which may create it). With ``owner`` (a worker of this
+        process), a run that can start at once (no other run of its thread is active) is
+        claimed in the same transaction: it comes back running, with its thread as
+        ``claimed_thread``. As with any claim on SQLite (one process), its attempt records
+        no worker."""
         return await self.transact(
             _queue_run,
             tenant_id,
@@ -207,7 +209,7 @@ class SqliteHotPath:
             kwargs,
             metadata,
             multitask_strategy,
-            claim,
+            owner,
         )
 
     async def claim(self, run_id: str) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
@@ -304,7 +306,7 @@ def _queue_run(
     kwargs: dict[str, Any],
     metadata: dict[str, Any],
     multitask_strategy: str,
-    claim: bool,
+    owner: str | None,
 ) -> dict[str, Any] | None:
     stamp = now()
     text = stamp_text(stamp)
@@ -325,8 +327,7 @@ def _queue_run(
     run = pending_run(
         new_id(), tenant_id, thread_id, assistant_id, kwargs, metadata, multitask_strategy, stamp
     )
-    run.update(lease_owner=None, lease_token=0)
-    claimed = claim and not active
+    claimed = owner is not None and not active
     if claimed:
         run.update(status="running", attempts=1)
     conn.execute(

@@ -86,10 +86,9 @@ class RunCheckpoints:
     :meth:`RunExecution.finish`, which writes it together with the run's final status.
     """
 
-    def __init__(self, executor: RunExecution, durability: str, unsafe: frozenset[str]) -> None:
+    def __init__(self, executor: RunExecution) -> None:
         self.x = executor
-        self.durability = durability
-        self.unsafe = unsafe  #: names of the run's tools that are not idempotent
+        self.unsafe: frozenset[str] = frozenset()  #: the run's tools that are not idempotent
         self.inflight: list[asyncio.Future[str | None]] = []
 
     async def save(self, state: RunState) -> None:
@@ -98,7 +97,7 @@ class RunCheckpoints:
             x.unsaved_final = True
             return
         unsafe_next = bool(self.unsafe) and _calls_unsafe(state.messages, self.unsafe)
-        if self.durability == "exit" and not unsafe_next:
+        if x.durability == "exit" and not unsafe_next:
             x.unsaved_final = True  # the end writes the last state as a checkpoint
             return
         self._check()
@@ -108,7 +107,7 @@ class RunCheckpoints:
         written.add_done_callback(_retrieve)
         self.inflight.append(written)
         x.saved_any = True
-        if self.durability == "sync" or unsafe_next:
+        if x.durability == "sync" or unsafe_next:
             await self.flush()
 
     def _check(self) -> None:
@@ -183,7 +182,7 @@ class RunExecution:
         self.others_waiting = False  # at the end: the thread has other runs waiting
         self.outcome: tuple[str, str | None, dict[str, Any]] | None = None
         self.durability: str = kwargs.get("durability") or "sync"  # runs queued before it
-        self.checkpoints = RunCheckpoints(self, self.durability, frozenset())
+        self.checkpoints = RunCheckpoints(self)
         self.emit = _Emitter(self.run_id, broker, last_seq)
         self.history = thread_messages(thread.get("values"))
         self._shaped: list[dict[str, Any]] = []  # messages in LangGraph shape (values)
@@ -233,8 +232,8 @@ class RunExecution:
         state = _state_from(saved) if saved else self.initial_state()
         model = self.agents.model(self.agent.model)
         tools = self.agents.tools_for(self.agent)
-        unsafe = frozenset(t.name for t in tools if not t.idempotent)
-        self.checkpoints = checkpoints = RunCheckpoints(self, self.durability, unsafe)
+        checkpoints = self.checkpoints
+        checkpoints.unsafe = frozenset(t.name for t in tools if not t.idempotent)
         self.state = state  # a fresh run is saved at its first step: until then it is rebuilt
         loop = AgentRun(
             self.agent,

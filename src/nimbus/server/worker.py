@@ -135,15 +135,20 @@ class WorkerPool:
         wait (no free slot, the tenant at its cap, runs queued here before it) or when this
         process runs none (API only). The slot is given back by :meth:`submit`
         (``reserved=True``) or :meth:`release`."""
-        if not self._accepting or self._turn:
-            return False
-        if len(self._tasks) + self._reserved >= self.concurrency:
-            return False
-        if self._running.get(tenant_id, 0) >= self.tenant_max_running:
+        if self._turn or not self._slot_free(tenant_id):
             return False
         self._reserved += 1
         self._running[tenant_id] = self._running.get(tenant_id, 0) + 1
         return True
+
+    def _slot_free(self, tenant_id: str) -> bool:
+        """Whether a run of ``tenant_id`` may start here now (slots held by :meth:`reserve`
+        count as taken)."""
+        return (
+            self._accepting
+            and len(self._tasks) + self._reserved < self.concurrency
+            and self._running.get(tenant_id, 0) < self.tenant_max_running
+        )
 
     def release(self, tenant_id: str) -> None:
         """Give back a slot of :meth:`reserve`."""
@@ -200,11 +205,7 @@ class WorkerPool:
     # --- PostgreSQL: the shared queue -----------------------------------------------------
     def _submit_shared(self, run: dict[str, Any], assistant: dict[str, Any] | None) -> None:
         run_id, tenant = run["run_id"], run["tenant_id"]
-        if (
-            self._accepting
-            and len(self._tasks) < self.concurrency
-            and self._running.get(tenant, 0) < self.tenant_max_running
-        ):
+        if self._slot_free(tenant):
             self._open(run_id)
             if assistant is not None:
                 self._given[run_id] = (run, assistant)

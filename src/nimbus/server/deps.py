@@ -46,13 +46,14 @@ def _key(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-async def principal(request: Request, svc: Annotated[Services, Depends(services)]) -> Principal:
+async def _authenticate(request: Request) -> Principal:
     """The caller, from ``x-api-key`` or ``Authorization: Bearer``; 401 without a valid key."""
     key = _key(request)
     if not key:
         raise APIError(
             401, "missing API key: send it in the x-api-key header", {"WWW-Authenticate": "Bearer"}
         )
+    svc: Services = request.app.state.services
     found = await svc.db.keys.authenticate(key)
     if found is None:
         raise APIError(401, "invalid or revoked API key", {"WWW-Authenticate": "Bearer"})
@@ -60,16 +61,27 @@ async def principal(request: Request, svc: Annotated[Services, Depends(services)
     return found
 
 
-async def writer(request: Request, caller: Annotated[Principal, Depends(principal)]) -> Principal:
+# Each is one dependency, not a chain of them: FastAPI's cost per request grows with every
+# dependency it solves, and these run on every request.
+
+
+async def principal(request: Request) -> Principal:
+    """The caller (see :func:`_authenticate`)."""
+    return await _authenticate(request)
+
+
+async def writer(request: Request) -> Principal:
     """The caller of a route that may change state: read-only keys get 403 unless the method
     is safe. Routes that only read but are POSTs (search, count, history) take a ``Reader``."""
+    caller = await _authenticate(request)
     if not caller.can_write and request.method not in SAFE_METHODS:
         raise APIError(403, "this API key is read-only")
     return caller
 
 
-async def admin(caller: Annotated[Principal, Depends(principal)]) -> Principal:
+async def admin(request: Request) -> Principal:
     """The caller, who must hold an admin key."""
+    caller = await _authenticate(request)
     if not caller.is_admin:
         raise APIError(403, "an admin API key is required")
     return caller

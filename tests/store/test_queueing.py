@@ -90,3 +90,50 @@ async def test_without_a_reserved_slot_a_run_is_only_queued(db: Database) -> Non
     assert run["status"] == "pending" and "claimed_thread" not in run
     stored = await db.runs.get(TENANT, run["run_id"])
     assert stored is not None and (stored["status"], stored["attempts"]) == ("pending", 0)
+
+
+async def _queue_with_assistant(
+    db: Database, tenant: str, thread_id: str, assistant_id: str, claim_as: str | None = None
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    return await db.runs.create_with_assistant(
+        tenant,
+        thread_id=thread_id,
+        assistant_id=assistant_id,
+        kwargs={"input": {"n": 1}},
+        metadata={},
+        multitask_strategy="enqueue",
+        claim_as=claim_as,
+    )
+
+
+async def test_the_assistant_is_read_as_the_run_is_queued(db: Database) -> None:
+    thread_id, assistant_id = await _thread_and_assistant(db)
+    queued = await _queue_with_assistant(db, TENANT, thread_id, assistant_id, "worker-1")
+    assert queued is not None
+    run, assistant = queued
+    assert "assistant" not in run and run["status"] == "running"
+    assert run["claimed_thread"]["thread_id"] == thread_id
+    # the row as the assistant store reads it, JSON columns parsed, timestamps aware
+    assert assistant == await db.assistants.get(TENANT, assistant_id)
+    stored = await db.runs.get(TENANT, run["run_id"])
+    assert stored is not None and stored["assistant_id"] == assistant_id
+    second = await _queue_with_assistant(db, TENANT, thread_id, assistant_id)
+    assert second is not None and second[0]["status"] == "pending"  # the first still runs
+
+
+async def test_nothing_is_queued_without_the_assistant_or_the_thread(db: Database) -> None:
+    thread_id, assistant_id = await _thread_and_assistant(db)
+    # no such assistant; another tenant's assistant; another tenant's thread; no such thread
+    other_assistant = await new_assistant(db, "t2")
+    other_thread, _ = await db.threads.create("t2", thread_id=None, metadata={})
+    for tenant, thread, assistant in (
+        (TENANT, thread_id, "no-such-assistant"),
+        (TENANT, thread_id, other_assistant),
+        (TENANT, other_thread["thread_id"], assistant_id),
+        (TENANT, "no-such-thread", assistant_id),
+    ):
+        assert await _queue_with_assistant(db, tenant, thread, assistant, "worker-1") is None
+    assert await db.runs.of_thread(TENANT, thread_id) == []
+    assert await db.runs.of_thread("t2", other_thread["thread_id"]) == []
+    thread = await db.threads.get(TENANT, thread_id)
+    assert thread is not None and thread["status"] == "idle"

@@ -162,6 +162,15 @@ _HAND_BACK = _RELEASE.format(
 _PENDING = "SELECT count(*) FROM runs WHERE status = 'pending'"
 _TENANT_PENDING = "SELECT count(*) FROM runs WHERE status = 'pending' AND tenant_id = $1"
 _QUEUE = "SELECT * FROM nimbus_queue_run($1, $2, $3, $4, $5, $6, $7, $8, $9)"  # migration 0007
+# The same, reading the run's assistant in the same round trip: no row when the tenant has no
+# such assistant (the function is then not called: nothing is queued) or no such thread.
+_QUEUE_KNOWN = """
+SELECT a.*, q.interrupted, q.claimed, q.thread_values, q.thread_checkpoint_id
+FROM assistants a
+CROSS JOIN LATERAL nimbus_queue_run($1, a.tenant_id, $3, a.assistant_id, $5, $6, $7, $8, $9) q
+WHERE a.tenant_id = $2 AND a.assistant_id = $4
+"""
+_QUEUED = ("interrupted", "claimed", "thread_values", "thread_checkpoint_id")
 # A run on a new, temporary thread (stateless runs): both rows in one statement.
 _QUEUE_STATELESS = """
 WITH t AS (
@@ -363,15 +372,19 @@ class PgHotPath:
         metadata: dict[str, Any],
         multitask_strategy: str,
         owner: str | None = None,
+        *,
+        with_assistant: bool = False,
     ) -> dict[str, Any] | None:
         """Queue a run on an existing thread (see :meth:`RunStore.create`); None when the
         tenant has no such thread. With ``owner``, a run that may start at once is claimed
         by that worker as it is queued: it comes back running, with its lease token and
-        its thread as ``claimed_thread``."""
+        its thread as ``claimed_thread``. ``with_assistant``: the assistant is read in the
+        same round trip and comes back as ``assistant``; None (nothing queued) when the
+        tenant has no assistant of that id."""
         stamp, run_id = now(), new_id()
         try:
             found = await self.pool.fetchrow(
-                _QUEUE,
+                _QUEUE_KNOWN if with_assistant else _QUEUE,
                 run_id,
                 tenant_id,
                 thread_id,
@@ -400,4 +413,6 @@ class PgHotPath:
             }
         if found["interrupted"]:
             run["interrupted_runs"] = list(found["interrupted"])
+        if with_assistant:
+            run["assistant"] = {k: v for k, v in found.items() if k not in _QUEUED}
         return run

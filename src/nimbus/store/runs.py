@@ -201,6 +201,35 @@ class RunStore:
                 idempotency,
             )
 
+    async def create_with_assistant(
+        self,
+        tenant_id: str,
+        *,
+        thread_id: str,
+        assistant_id: str,
+        kwargs: dict[str, Any],
+        metadata: dict[str, Any],
+        multitask_strategy: str,
+        claim_as: str | None = None,
+    ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """:meth:`create` on an existing thread, reading the tenant's assistant of that id in
+        the same transaction (on PostgreSQL: in the same round trip): ``(run, assistant)``.
+        None, with nothing queued, when the thread or the assistant is missing (then
+        :meth:`create` decides: it may create the thread)."""
+        hot = self.fast or self.lite
+        assert hot is not None, "a database is PostgreSQL or SQLite"
+        run = await hot.queue_run(
+            tenant_id,
+            thread_id,
+            assistant_id,
+            kwargs,
+            metadata,
+            multitask_strategy,
+            claim_as,
+            with_assistant=True,
+        )
+        return None if run is None else (run, run.pop("assistant"))
+
     async def get(
         self, tenant_id: str, run_id: str, thread_id: str | None = None
     ) -> dict[str, Any] | None:

@@ -194,13 +194,17 @@ class SqliteHotPath:
         metadata: dict[str, Any],
         multitask_strategy: str,
         owner: str | None = None,
+        *,
+        with_assistant: bool = False,
     ) -> dict[str, Any] | None:
         """Queue a run on an existing thread; None when there is no such thread (the caller
         then takes the general path, which may create it). With ``owner`` (a worker of this
         process), a run that can start at once (no other run of its thread is active) is
         claimed in the same transaction: it comes back running, with its thread as
         ``claimed_thread``. As with any claim on SQLite (one process), its attempt records
-        no worker."""
+        no worker. ``with_assistant``: the assistant is read in the same transaction and
+        comes back as ``assistant``; None (nothing queued) when the tenant has no assistant
+        of that id."""
         return await self.transact(
             _queue_run,
             tenant_id,
@@ -210,6 +214,7 @@ class SqliteHotPath:
             metadata,
             multitask_strategy,
             owner,
+            with_assistant,
         )
 
     async def claim(self, run_id: str) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
@@ -307,7 +312,11 @@ def _queue_run(
     metadata: dict[str, Any],
     multitask_strategy: str,
     owner: str | None,
+    with_assistant: bool = False,
 ) -> dict[str, Any] | None:
+    assistant = None
+    if with_assistant and (assistant := _assistant(conn, tenant_id, assistant_id)) is None:
+        return None
     stamp = now()
     text = stamp_text(stamp)
     # Marking the thread busy also takes the lock of the whole queueing.
@@ -346,6 +355,8 @@ def _queue_run(
         run["claimed_thread"] = _thread(conn, tenant_id, thread_id)
     if interrupted:
         run["interrupted_runs"] = interrupted
+    if assistant is not None:
+        run["assistant"] = assistant
     return run
 
 

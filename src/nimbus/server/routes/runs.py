@@ -94,11 +94,6 @@ async def create_run(
         if body.if_not_exists == "create":
             raise APIError(422, f"thread_id longer than {MAX_ID} characters")
         raise not_found("thread", thread_id)
-    assistant = await svc.db.assistants.find(caller.tenant_id, body.assistant_id)
-    if assistant is None and body.assistant_id in GRAPHS:
-        assistant = await svc.db.assistants.ensure_system(caller.tenant_id, body.assistant_id)
-    if not assistant:
-        raise not_found("assistant", body.assistant_id)
     input_messages(body.input)  # a malformed input is a 422 now, not a failed run later
     cap = svc.settings.tenant_max_queued
     if cap is not None and await svc.pool.queued(caller.tenant_id) >= cap:
@@ -106,12 +101,6 @@ async def create_run(
             429,
             f"{cap} runs of this tenant are already waiting to start; retry later",
             {"Retry-After": "1"},
-        )
-    if body.config or body.context:
-        svc.agents.validate(
-            assistant["graph_id"],
-            {**assistant["config"], **(body.config or {})},
-            {**assistant["context"], **(body.context or {})},
         )
     kwargs = {
         "input": body.input,
@@ -125,20 +114,42 @@ async def create_run(
     # A free worker slot here: the run is claimed as it is queued, and starts at once.
     reserved = svc.pool.reserve(caller.tenant_id)
     try:
-        run = await svc.db.runs.create(
-            caller.tenant_id,
-            thread_id=thread_id,
-            assistant_id=assistant["assistant_id"],
-            kwargs=kwargs,
-            metadata=body.metadata,
-            multitask_strategy=body.multitask_strategy,
-            if_not_exists=body.if_not_exists,
-            temporary=thread_id is None,
-            idempotency=(
-                (idempotency_key, request_hash(thread_id, body)) if idempotency_key else None
-            ),
-            claim_as=svc.pool.owner if reserved else None,
-        )
+        run: dict[str, Any] | None = None
+        if (
+            thread_id is not None
+            and idempotency_key is None
+            and not (body.config or body.context)
+            and body.assistant_id not in GRAPHS
+        ):
+            # The usual run (an assistant by id, a thread that exists, nothing to validate
+            # against the assistant first): the assistant is read as the run is queued.
+            queued = await svc.db.runs.create_with_assistant(
+                caller.tenant_id,
+                thread_id=thread_id,
+                assistant_id=body.assistant_id,
+                kwargs=kwargs,
+                metadata=body.metadata,
+                multitask_strategy=body.multitask_strategy,
+                claim_as=svc.pool.owner if reserved else None,
+            )
+            if queued is not None:
+                run, assistant = queued
+        if run is None:
+            assistant = await _assistant(svc, caller, body)
+            run = await svc.db.runs.create(
+                caller.tenant_id,
+                thread_id=thread_id,
+                assistant_id=assistant["assistant_id"],
+                kwargs=kwargs,
+                metadata=body.metadata,
+                multitask_strategy=body.multitask_strategy,
+                if_not_exists=body.if_not_exists,
+                temporary=thread_id is None,
+                idempotency=(
+                    (idempotency_key, request_hash(thread_id, body)) if idempotency_key else None
+                ),
+                claim_as=svc.pool.owner if reserved else None,
+            )
     except BaseException:
         if reserved:
             svc.pool.release(caller.tenant_id)
@@ -153,6 +164,23 @@ async def create_run(
         svc.pool.cancel_everywhere(interrupted)
     svc.pool.submit(run, assistant, reserved=reserved)
     return run
+
+
+async def _assistant(svc: Services, caller: Principal, body: RunCreate) -> dict[str, Any]:
+    """The run's assistant, by id, graph or name (404 if none), its settings checked with the
+    run's own ``config`` and ``context`` (422)."""
+    assistant = await svc.db.assistants.find(caller.tenant_id, body.assistant_id)
+    if assistant is None and body.assistant_id in GRAPHS:
+        assistant = await svc.db.assistants.ensure_system(caller.tenant_id, body.assistant_id)
+    if not assistant:
+        raise not_found("assistant", body.assistant_id)
+    if body.config or body.context:
+        svc.agents.validate(
+            assistant["graph_id"],
+            {**assistant["config"], **(body.config or {})},
+            {**assistant["context"], **(body.context or {})},
+        )
+    return assistant
 
 
 async def run_events(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import time
@@ -455,11 +456,7 @@ class WorkerPool:
                     self._orphans[run_id] = token
             if outcome is None:
                 self._note_gone(run_id)
-            self.broker.close(run_id)
-            done = self._done.pop(run_id, None)
-            if done is not None:
-                done.outcome = outcome
-                done.event.set()
+            self._ended(run_id, outcome)
 
     async def _attempt(
         self,
@@ -500,9 +497,22 @@ class WorkerPool:
             status = await execution.execute()
         finally:
             structlog.contextvars.unbind_contextvars("run_id", "tenant")
-        log.info("run.finished", run_id=run_id, status=status)
+        # Its end is written: its streams and waiters here end now, and the log line (the
+        # slowest part of what follows) waits until they have had their turn.
+        self._ended(run_id, execution.outcome)
+        asyncio.get_running_loop().call_soon(
+            functools.partial(log.info, "run.finished", run_id=run_id, status=status)
+        )
         self._wake_waiting(execution)
         return execution.outcome
+
+    def _ended(self, run_id: str, outcome: tuple[str, str | None, dict[str, Any]] | None) -> None:
+        """A run's attempt here is over: end its live events and wake its waiters."""
+        self.broker.close(run_id)
+        done = self._done.pop(run_id, None)
+        if done is not None:
+            done.outcome = outcome
+            done.event.set()
 
     @staticmethod
     async def _safely(ending: Any, run_id: str) -> bool:

@@ -120,8 +120,8 @@ class Guard:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
             elapsed = time.perf_counter() - started
-            METRICS.http_requests.labels(method, path, str(status_holder["status"])).inc()
-            METRICS.http_seconds.labels(method, path).observe(elapsed)
+            METRICS.of(METRICS.http_requests, method, path, str(status_holder["status"])).inc()
+            METRICS.of(METRICS.http_seconds, method, path).observe(elapsed)
             state = scope.get("state") or {}
             log.info(
                 "http.request",

@@ -258,17 +258,17 @@ class RunExecution:
             raise
         except RunFailed as exc:
             await self.finish("error", str(exc), exc.reason)
-            METRICS.runs.labels("error").inc()
+            METRICS.of(METRICS.runs, "error").inc()
             return "error"
         except NimbusError as exc:
             await self.finish("error", str(exc), "error")
-            METRICS.runs.labels("error").inc()
+            METRICS.of(METRICS.runs, "error").inc()
             return "error"
         finally:
             METRICS.run_seconds.observe(time.perf_counter() - started)
         del result
         await self.finish("success", None, None)
-        METRICS.runs.labels("success").inc()
+        METRICS.of(METRICS.runs, "success").inc()
         return "success"
 
     def step_write(
@@ -339,9 +339,9 @@ class RunExecution:
                     },
                 )
         elif isinstance(event, ModelResponded):
-            METRICS.model_seconds.labels(self.agent.model).observe(event.duration_s)
-            METRICS.tokens.labels(self.agent.model, "input").inc(event.usage.input_tokens)
-            METRICS.tokens.labels(self.agent.model, "output").inc(event.usage.output_tokens)
+            METRICS.of(METRICS.model_seconds, self.agent.model).observe(event.duration_s)
+            METRICS.of(METRICS.tokens, self.agent.model, "input").inc(event.usage.input_tokens)
+            METRICS.of(METRICS.tokens, self.agent.model, "output").inc(event.usage.output_tokens)
             usage = {
                 "input_tokens": event.usage.input_tokens,
                 "output_tokens": event.usage.output_tokens,
@@ -367,9 +367,9 @@ class RunExecution:
                     ),
                 )
         elif isinstance(event, ToolCallFinished):
-            METRICS.tool_seconds.labels(event.result.name).observe(event.duration_s)
+            METRICS.of(METRICS.tool_seconds, event.result.name).observe(event.duration_s)
             if event.result.is_error:
-                METRICS.tool_errors.labels(event.result.name).inc()
+                METRICS.of(METRICS.tool_errors, event.result.name).inc()
             message = to_lg(event.result, self.message_id(len(state.messages) - 1))
             if "updates" in modes:
                 emit("updates", {"tools": {"messages": [message]}})

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+M = TypeVar("M", Counter, Histogram)
 
 
 class Metrics:
@@ -37,6 +41,16 @@ class Metrics:
         )
         self.queue_depth = Gauge("nimbus_queue_depth", "Runs waiting for a worker", registry=r)
         self.running = Gauge("nimbus_runs_running", "Runs executing now", registry=r)
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+    def of(self, metric: M, *labels: str) -> M:
+        """``metric.labels(*labels)``, remembered: prometheus_client checks and converts the
+        labels and takes a lock at every call, and these are taken several times per run."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
 
 METRICS = Metrics()

@@ -129,6 +129,9 @@ async def test_agent_file(tmp_path: Path, fake_openai: FakeOpenAIServer) -> None
             ],
             "no PostgreSQL answers at 127.0.0.1:1/x",
         ),
+        (["bench", "compare", "/"], "/ holds no Nimbus sources"),
+        (["bench", "compare", "src", "--mode", "poll"], "--mode must be one of stream, wait"),
+        (["bench", "compare", "src", "--database", "both"], "--database must be sqlite or"),
         (["frobnicate"], "No such command"),
     ],
 )

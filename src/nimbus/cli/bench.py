@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
+import orjson
 import typer
 from rich.console import Console
 
 from nimbus.exceptions import UserError
+
+if TYPE_CHECKING:
+    from nimbus.bench.server import Placement
 
 bench_app = typer.Typer(help="Benchmarks.", no_args_is_help=True)
 
@@ -150,7 +154,6 @@ def server(
         Mode,
         as_json,
         bench_server,
-        default_placement,
     )
 
     concurrencies = _int_list(concurrency, "--concurrency")
@@ -164,18 +167,7 @@ def server(
     if database not in (*DATABASES, "both"):
         raise UserError(f"--database must be sqlite, postgres or both, got {database!r}")
     databases = list(DATABASES) if database == "both" else [database]
-    cores = sorted(os.sched_getaffinity(0))
-    placement = default_placement(cores)
-    for name, core, field in (
-        ("--server-cpu", server_cpu, "server_cpu"),
-        ("--model-cpu", model_cpu, "model_cpu"),
-        ("--client-cpu", client_cpu, "client_cpu"),
-    ):
-        if core is None:
-            continue
-        if core not in cores:
-            raise UserError(f"{name} {core} is not a core this process may use ({cores})")
-        setattr(placement, field, core)
+    placement = _placement(server_cpu, model_cpu, client_cpu)
     pg_url = postgres_url or os.environ.get("NIMBUS_TEST_POSTGRES_URL") or DEFAULT_POSTGRES_URL
     if "postgres" in databases:
         check_postgres(pg_url)
@@ -248,6 +240,132 @@ def server(
     if json_output:
         sys.stdout.write(as_json(results, placement, floors[0] if floors else None).decode() + "\n")
     if any(r.errors for r in results):
+        raise typer.Exit(1)
+
+
+def _placement(server_cpu: int | None, model_cpu: int | None, client_cpu: int | None) -> Placement:
+    """The default placement of the server benchmarks, with the cores given instead."""
+    from nimbus.bench.server import default_placement
+
+    cores = sorted(os.sched_getaffinity(0))
+    placement = default_placement(cores)
+    for name, core, field in (
+        ("--server-cpu", server_cpu, "server_cpu"),
+        ("--model-cpu", model_cpu, "model_cpu"),
+        ("--client-cpu", client_cpu, "client_cpu"),
+    ):
+        if core is None:
+            continue
+        if core not in cores:
+            raise UserError(f"{name} {core} is not a core this process may use ({cores})")
+        setattr(placement, field, core)
+    return placement
+
+
+@bench_app.command("compare")
+def compare(
+    base: Annotated[
+        str,
+        typer.Argument(
+            help="The other checkout (or its src folder), e.g. from "
+            "`git worktree add /tmp/base <rev>`."
+        ),
+    ],
+    runs: Annotated[int, typer.Option(min=1, help="Measured runs per server.")] = 600,
+    database: Annotated[str, typer.Option(help="sqlite or postgres.")] = "sqlite",
+    mode: Annotated[str, typer.Option(help="stream or wait.")] = "stream",
+    latency_ms: Annotated[
+        float, typer.Option(min=0, help="Fake model latency per call, in ms.")
+    ] = 20.0,
+    turns: Annotated[
+        int, typer.Option(min=1, help="Runs per thread, one after another (a conversation).")
+    ] = 5,
+    postgres_url: Annotated[
+        str | None,
+        typer.Option(help="PostgreSQL server for the two databases (as for `bench server`)."),
+    ] = None,
+    server_cpu: Annotated[
+        int | None, typer.Option(help="Core for both servers (default: the first).")
+    ] = None,
+    model_cpu: Annotated[
+        int | None, typer.Option(help="Core for the fake model server (default: the second).")
+    ] = None,
+    client_cpu: Annotated[
+        int | None,
+        typer.Option(help="Core for this load client (default: the third, else the second)."),
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print figures as JSON.")] = False,
+) -> None:
+    """This Nimbus against another checkout, run for run (interleaved, same core): the
+    figures of `bench server` at concurrency 1, as a ratio that machine noise cancels out of."""
+    from nimbus.bench.compare import bench_compare, checkout_src
+    from nimbus.bench.processes import DEFAULT_POSTGRES_URL, check_postgres
+    from nimbus.bench.server import DATABASES, MODES
+
+    if mode not in MODES:
+        raise UserError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if database not in DATABASES:
+        raise UserError(f"--database must be sqlite or postgres, got {database!r}")
+    base_src = checkout_src(base)
+    placement = _placement(server_cpu, model_cpu, client_cpu)
+    pg_url = postgres_url or os.environ.get("NIMBUS_TEST_POSTGRES_URL") or DEFAULT_POSTGRES_URL
+    if database == "postgres":
+        check_postgres(pg_url)
+    console = Console(stderr=json_output, highlight=False, width=120)
+    console.print(
+        f"{database}, {mode}, {runs} runs per server, fake model {latency_ms:g} ms/call; "
+        f"base: {base_src}; placement: {placement.describe()}"
+    )
+    sides = bench_compare(
+        base_src,
+        runs=runs,
+        database=database,
+        mode=mode,
+        latency_ms=latency_ms,
+        turns=turns,
+        placement=placement,
+        postgres_url=pg_url,
+    )
+    console.print(
+        f"{'server':<7}{'version':<12}{'added p50':>10}{'p90':>8}{'p99':>8}{'mean':>8}"
+        f"{'CPU ms/run':>12}{'errors':>8}"
+    )
+    for side in sides:
+        console.print(
+            f"{side.name:<7}{side.version:<12}{side.added_ms(0.5):>10.2f}{side.added_ms(0.9):>8.2f}"
+            f"{side.added_ms(0.99):>8.2f}{side.mean_ms:>8.2f}{side.cpu_ms_per_run:>12.2f}"
+            f"{len(side.errors):>8}"
+        )
+        for problem in sorted(set(side.errors)):
+            console.print(f"  {side.errors.count(problem)} x {problem[:160]}", markup=False)
+    base_side, this = sides
+    ratios = {
+        "added_p50": this.added_ms(0.5) / base_side.added_ms(0.5),
+        "added_mean": this.mean_ms / base_side.mean_ms,
+        "cpu_per_run": this.cpu_ms_per_run / base_side.cpu_ms_per_run,
+    }
+    console.print(
+        "this / base: added p50 {added_p50:.3f}, mean {added_mean:.3f}, "
+        "CPU per run {cpu_per_run:.3f}".format(**ratios)
+    )
+    if json_output:
+        figures = {
+            side.name: {
+                "src": str(side.src),
+                "version": side.version,
+                "runs": len(side.added_s),
+                "errors": len(side.errors),
+                "added_p50_ms": side.added_ms(0.5),
+                "added_p90_ms": side.added_ms(0.9),
+                "added_p99_ms": side.added_ms(0.99),
+                "added_mean_ms": side.mean_ms,
+                "cpu_ms_per_run": side.cpu_ms_per_run,
+            }
+            for side in sides
+        }
+        out = {"database": database, "mode": mode, "latency_ms": latency_ms, **figures}
+        sys.stdout.write(orjson.dumps({**out, "ratios": ratios}).decode() + "\n")
+    if any(side.errors for side in sides):
         raise typer.Exit(1)
 
 

@@ -231,8 +231,11 @@ def create_app(
     # included router's routes through a layer of its own on every request (measured: a
     # third of its time before the handler). Runs first: they are most of the traffic. No
     # path of one module can match a path of another, so the order changes nothing else.
-    modules = (runs, system, assistants, threads, store, openai) if api else ()
-    for router in (system.health, *(m.router for m in modules)):
+    routers = [system.health]
+    if api:
+        routers = [runs.router, system.health, *(m.router for m in (system, assistants, threads))]
+        routers += [store.router, openai.router]
+    for router in routers:
         app.router.routes.extend(router.routes)
     app.add_middleware(Guard, max_body=settings.max_body_bytes)
     return app

@@ -162,7 +162,12 @@ async def create_run(
         return run
     for interrupted in run.pop("interrupted_runs", ()):
         svc.pool.cancel_everywhere(interrupted)
+    starts_here = "claimed_thread" in run
     svc.pool.submit(run, assistant, reserved=reserved)
+    if starts_here:
+        # It starts here now: let it send its first model request before this request goes
+        # on to build its response, which the client waits the model's time for anyway.
+        await asyncio.sleep(0)
     return run
 
 

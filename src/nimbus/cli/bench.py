@@ -20,6 +20,22 @@ bench_app = typer.Typer(help="Benchmarks.", no_args_is_help=True)
 MODES = ("floor", "nimbus", "openai-sdk")
 
 
+# Options shared by the server benchmarks.
+Turns = Annotated[
+    int, typer.Option(min=1, help="Runs per thread, one after another (a conversation).")
+]
+ServerCpu = Annotated[
+    int | None, typer.Option(help="Core for the Nimbus server(s) (default: the first).")
+]
+ModelCpu = Annotated[
+    int | None, typer.Option(help="Core for the fake model server (default: the second).")
+]
+ClientCpu = Annotated[
+    int | None,
+    typer.Option(help="Core for this load client (default: the third, else the second)."),
+]
+
+
 def _int_list(text: str, what: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -129,19 +145,10 @@ def server(
             "(default NIMBUS_TEST_POSTGRES_URL, else postgresql://postgres@127.0.0.1:5432/postgres)."
         ),
     ] = None,
-    turns: Annotated[
-        int, typer.Option(min=1, help="Runs per thread, one after another (a conversation).")
-    ] = 5,
-    server_cpu: Annotated[
-        int | None, typer.Option(help="Core for the nimbus server (default: the first).")
-    ] = None,
-    model_cpu: Annotated[
-        int | None, typer.Option(help="Core for the fake model server (default: the second).")
-    ] = None,
-    client_cpu: Annotated[
-        int | None,
-        typer.Option(help="Core for this load client (default: the third, else the second)."),
-    ] = None,
+    turns: Turns = 5,
+    server_cpu: ServerCpu = None,
+    model_cpu: ModelCpu = None,
+    client_cpu: ClientCpu = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print figures as JSON.")] = False,
 ) -> None:
     """Two-step tool-calling runs over HTTP against a live `nimbus serve` (stream and wait)."""
@@ -277,23 +284,14 @@ def compare(
     latency_ms: Annotated[
         float, typer.Option(min=0, help="Fake model latency per call, in ms.")
     ] = 20.0,
-    turns: Annotated[
-        int, typer.Option(min=1, help="Runs per thread, one after another (a conversation).")
-    ] = 5,
+    turns: Turns = 5,
     postgres_url: Annotated[
         str | None,
         typer.Option(help="PostgreSQL server for the two databases (as for `bench server`)."),
     ] = None,
-    server_cpu: Annotated[
-        int | None, typer.Option(help="Core for both servers (default: the first).")
-    ] = None,
-    model_cpu: Annotated[
-        int | None, typer.Option(help="Core for the fake model server (default: the second).")
-    ] = None,
-    client_cpu: Annotated[
-        int | None,
-        typer.Option(help="Core for this load client (default: the third, else the second)."),
-    ] = None,
+    server_cpu: ServerCpu = None,
+    model_cpu: ModelCpu = None,
+    client_cpu: ClientCpu = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print figures as JSON.")] = False,
 ) -> None:
     """This Nimbus against another checkout, run for run (interleaved, same core): the

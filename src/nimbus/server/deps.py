@@ -46,34 +46,28 @@ def _key(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-async def _authenticate(request: Request) -> Principal:
+async def principal(request: Request) -> Principal:
     """The caller, from ``x-api-key`` or ``Authorization: Bearer``; 401 without a valid key."""
     key = _key(request)
     if not key:
         raise APIError(
             401, "missing API key: send it in the x-api-key header", {"WWW-Authenticate": "Bearer"}
         )
-    svc: Services = request.app.state.services
-    found = await svc.db.keys.authenticate(key)
+    found = await (await services(request)).db.keys.authenticate(key)
     if found is None:
         raise APIError(401, "invalid or revoked API key", {"WWW-Authenticate": "Bearer"})
     request.state.tenant = found.tenant_id
     return found
 
 
-# Each is one dependency, not a chain of them: FastAPI's cost per request grows with every
-# dependency it solves, and these run on every request.
-
-
-async def principal(request: Request) -> Principal:
-    """The caller (see :func:`_authenticate`)."""
-    return await _authenticate(request)
+# ``writer`` and ``admin`` call ``principal`` rather than depend on it: FastAPI's cost per
+# request grows with every dependency it solves, and these run on every request.
 
 
 async def writer(request: Request) -> Principal:
     """The caller of a route that may change state: read-only keys get 403 unless the method
     is safe. Routes that only read but are POSTs (search, count, history) take a ``Reader``."""
-    caller = await _authenticate(request)
+    caller = await principal(request)
     if not caller.can_write and request.method not in SAFE_METHODS:
         raise APIError(403, "this API key is read-only")
     return caller
@@ -81,7 +75,7 @@ async def writer(request: Request) -> Principal:
 
 async def admin(request: Request) -> Principal:
     """The caller, who must hold an admin key."""
-    caller = await _authenticate(request)
+    caller = await principal(request)
     if not caller.is_admin:
         raise APIError(403, "an admin API key is required")
     return caller

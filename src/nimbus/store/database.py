@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nimbus.store.assistants import AssistantStore
@@ -40,19 +41,22 @@ class Database:
         asyncpg pool of the per-run statements (:mod:`nimbus.store.pg`); SQLite runs them on
         its raw connection (:mod:`nimbus.store.sqlite_fast`)."""
         engine = create_engine(url, pool_size=pool_size)
+        checkpointer = None
+        path = engine.url.database
+        if engine.dialect.name == "sqlite" and path and path != ":memory:":
+            # checkpoints of the log off the event loop (see WalCheckpointer), SQLite's own
+            # only as a backstop: on every connection the engine opens, from the first one
+            checkpointer = WalCheckpointer(path)
+            event.listen(engine.sync_engine, "connect", checkpointer.configure)
         if run_migrations:
             await migrate(engine)
         fast = None
         if engine.dialect.name == "postgresql":
             fast = await PgHotPath.open(url, pool_size)
         database = cls(engine, fast)
-        path = engine.url.database
-        if database.lite is not None and path and path != ":memory:":
-            # checkpoints of the log off the event loop (see WalCheckpointer)
-            pages = WalCheckpointer.BACKSTOP_PAGES
-            await database.lite.use(lambda c: c.execute(f"PRAGMA wal_autocheckpoint={pages}"))
-            database.checkpointer = WalCheckpointer(path)
-            database.checkpointer.start()
+        if checkpointer is not None:
+            database.checkpointer = checkpointer
+            checkpointer.start()
         return database
 
     async def close(self) -> None:

@@ -170,6 +170,13 @@ class WalCheckpointer:
             target=self._loop, name="nimbus-wal-checkpoints", daemon=True
         )
 
+    def configure(self, dbapi_connection: Any, _record: Any = None) -> None:
+        """Leave SQLite's own checkpoints to the backstop on a connection (a SQLAlchemy
+        ``connect`` listener)."""
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA wal_autocheckpoint={self.BACKSTOP_PAGES}")
+        cursor.close()
+
     def start(self) -> None:
         """Start checkpointing."""
         self._thread.start()

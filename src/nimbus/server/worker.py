@@ -183,14 +183,10 @@ class WorkerPool:
                 if self.shared:
                     self._orphans[run_id] = run["lease_token"]
             else:
-                self._open(run_id)
-                if assistant is not None:
-                    self._given[run_id] = (run, assistant)
+                self._open(run_id, run, assistant)
                 self._start_task(run_id, tenant, (run, thread))
             return
-        self._open(run_id)
-        if assistant is not None:
-            self._given[run_id] = (run, assistant)
+        self._open(run_id, run, assistant)
         queue = self._queues.setdefault(tenant, deque())
         if not queue:
             self._turn.append(tenant)
@@ -207,9 +203,7 @@ class WorkerPool:
     def _submit_shared(self, run: dict[str, Any], assistant: dict[str, Any] | None) -> None:
         run_id, tenant = run["run_id"], run["tenant_id"]
         if self._slot_free(tenant):
-            self._open(run_id)
-            if assistant is not None:
-                self._given[run_id] = (run, assistant)
+            self._open(run_id, run, assistant)
             self._claiming.add(run_id)
             self._start_task(run_id, tenant, None)
         else:
@@ -225,10 +219,19 @@ class WorkerPool:
         self._running[tenant] = self._running.get(tenant, 0) + 1
         self._tasks[run_id] = asyncio.create_task(self._run(run_id, tenant, claimed, after))
 
-    def _open(self, run_id: str) -> None:
-        """A run is about to execute here: keep its live events, and its end for waiters."""
+    def _open(
+        self,
+        run_id: str,
+        run: dict[str, Any] | None = None,
+        assistant: dict[str, Any] | None = None,
+    ) -> None:
+        """A run is about to execute here: keep its live events, and its end for waiters;
+        its row and ``assistant``, when the request that made it read them, are kept for the
+        worker (not read again)."""
         self.broker.open(run_id)
         self._done.setdefault(run_id, Completion())
+        if run is not None and assistant is not None:
+            self._given[run_id] = (run, assistant)
 
     def _announce_queued(self) -> None:
         """Runs wait in the shared queue: look at it when a slot is free here, and tell the

@@ -5,7 +5,6 @@ leases go back to the queue, and a worker that lost its lease can no longer writ
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -23,12 +22,9 @@ from tests.store.conftest import new_assistant
 
 
 @pytest.fixture
-async def db(postgres_url: str) -> AsyncIterator[Database]:
-    database = await Database.open(postgres_url)
-    try:
-        yield database
-    finally:
-        await database.close()
+def database_url(postgres_url: str) -> str:
+    """The shared queue is PostgreSQL's: the ``db`` of these tests is PostgreSQL alone."""
+    return postgres_url
 
 
 def _fast(db: Database) -> PgHotPath:

@@ -5,17 +5,25 @@ Behaviour only, never speed: speed figures come from running the benchmark itsel
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import orjson
 
+from nimbus.bench.processes import nimbus_server
 from nimbus.bench.server import (
     EXPECTED_ANSWER,
+    TOOL_ARGUMENTS,
     CellResult,
     Floor,
+    LoadClient,
     Placement,
     bench_server,
     check_stream,
     default_placement,
+    measure_floor,
 )
+from nimbus.testing.fake_openai import FakeOpenAIServer
 
 
 def test_tiny_sqlite_bench_runs_every_cell_without_errors() -> None:
@@ -67,3 +75,25 @@ def test_default_placement_keeps_the_server_alone_on_its_core() -> None:
     assert default_placement([0]) == Placement(None, None, None)
     assert default_placement([0, 1]) == Placement(0, 1, 1)
     assert default_placement([2, 5, 7, 9]) == Placement(2, 5, 7)
+
+
+async def test_the_floor_sends_the_requests_the_server_sends(tmp_path: Path) -> None:
+    fake = await FakeOpenAIServer(tool_arguments=TOOL_ARGUMENTS).start()
+    try:
+        loop = asyncio.get_running_loop()
+        started = nimbus_server(f"sqlite:///{tmp_path}/n.db", fake.base_url, None, tmp_path)
+        server = await loop.run_in_executor(None, started.__enter__)
+        try:
+            client = LoadClient(server, 1)
+            await client.create_assistant()
+            assert await client.run("stream", await client.create_thread()) is None
+            await client.close()
+        finally:
+            await loop.run_in_executor(None, started.__exit__, None, None, None)
+        by_server = list(fake.requests)
+        assert len(by_server) == 2
+        fake.requests.clear()
+        await measure_floor(fake.base_url, 0, runs=1)
+        assert fake.requests[:2] == by_server  # the same two requests, body for body
+    finally:
+        await fake.stop()

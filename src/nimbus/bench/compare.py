@@ -38,6 +38,8 @@ from nimbus.bench.server import (
     LoadClient,
     Mode,
     Placement,
+    create_threads,
+    percentile,
 )
 from nimbus.exceptions import UserError
 from nimbus.testing.fake_openai import spawn_fake_server
@@ -58,8 +60,7 @@ class Side:
 
     def added_ms(self, q: float) -> float:
         """The ``q`` quantile of the added latency, in ms."""
-        ordered = sorted(self.added_s)
-        return ordered[min(len(ordered) - 1, int(len(ordered) * q))] * 1000
+        return percentile(self.added_s, q) * 1000
 
     @property
     def mean_ms(self) -> float:
@@ -102,7 +103,7 @@ async def _drive(
                 side.version = str((await r.json())["version"])
             await client.create_assistant()
         per_side = -(-(runs + WARMUP_RUNS) // turns)
-        threads = [[await c.create_thread() for _ in range(per_side)] for c in clients]
+        threads = [(await create_threads(c, per_side, 1))[0] for c in clients]
         model_s = MODEL_CALLS_PER_RUN * latency_s
         cpu0: list[float] = []
         for i in range(WARMUP_RUNS + runs):

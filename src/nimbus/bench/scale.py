@@ -37,7 +37,13 @@ from nimbus.bench.processes import (
     proc_cpu_s,
     proc_rss_bytes,
 )
-from nimbus.bench.server import ASSISTANT_CONFIG, EXPECTED_ANSWER, RUN_INPUT, TOOL_ARGUMENTS
+from nimbus.bench.server import (
+    ASSISTANT_CONFIG,
+    EXPECTED_ANSWER,
+    RUN_INPUT,
+    TOOL_ARGUMENTS,
+    percentile,
+)
 from nimbus.testing.fake_openai import spawn_fake_server
 
 ERROR_KIND_CHARS = 160
@@ -66,13 +72,6 @@ class ScaleResult:
     api_cpu_ms_per_run: float
     worker_cpu_ms_per_run: float
     error_kinds: dict[str, int] = field(default_factory=dict)
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def _drive(
@@ -235,10 +234,10 @@ def measure(
         runs_per_s=rate,
         ideal_runs_per_s=ideal,
         efficiency=rate / ideal,
-        p50_s=_pct(latencies, 0.5),
-        p99_s=_pct(latencies, 0.99),
-        queue_wait_p50_ms=_pct(waits, 0.5) * 1000,
-        queue_wait_p99_ms=_pct(waits, 0.99) * 1000,
+        p50_s=percentile(latencies, 0.5),
+        p99_s=percentile(latencies, 0.99),
+        queue_wait_p50_ms=percentile(waits, 0.5) * 1000,
+        queue_wait_p99_ms=percentile(waits, 0.99) * 1000,
         rss_idle_mb=[b / 2**20 for b in idle],
         rss_loaded_mb=[b / 2**20 for b in peak],
         kib_per_run=[(p - i) / 1024 / concurrency for p, i in zip(peak, idle, strict=True)],

@@ -47,7 +47,20 @@ from nimbus.bench.processes import (
     nimbus_server,
     proc_cpu_s,
 )
+from nimbus.core.messages import (
+    AssistantMessage,
+    Message,
+    SystemMessage,
+    ToolCall,
+    ToolResultMessage,
+    UserMessage,
+)
+from nimbus.core.model import ModelSettings
+from nimbus.models.openai import chat_request
+from nimbus.server.agents import agent_settings, build_agent
+from nimbus.settings import Settings
 from nimbus.testing.fake_openai import spawn_fake_server
+from nimbus.tools.builtin import builtin_tools
 
 Mode = Literal["stream", "wait"]
 MODES: tuple[Mode, ...] = ("stream", "wait")
@@ -270,7 +283,7 @@ async def drive(
     return outcome
 
 
-async def _create_threads(
+async def create_threads(
     client: LoadClient, count: int, concurrency: int
 ) -> tuple[list[str], float]:
     """``count`` new threads, ``concurrency`` at a time; and the mean time to create one (s)."""
@@ -306,35 +319,19 @@ class Floor:
 async def measure_floor(model_url: str, latency_s: float, runs: int = FLOOR_CALLS) -> Floor:
     """Call the fake model as the server would for one run (two chat requests, the second
     with the tool's result), ``runs`` times in a row, from this process."""
-    tools = [
-        {
-            "type": "function",
-            "function": {
-                "name": "calculator",
-                "description": "Evaluate an arithmetic expression.",
-                "parameters": {
-                    "type": "object",
-                    "properties": {"expression": {"type": "string"}},
-                    "required": ["expression"],
-                },
-            },
-        }
+    # The requests the server sends for a run of the bench's assistant: its agent, its
+    # tools, its model settings, in the OpenAI adapter's wire format.
+    agent = build_agent("", agent_settings(ASSISTANT_CONFIG), Settings())
+    tools = [t.spec for t in builtin_tools().resolve(agent.tools)]
+    settings = ModelSettings(max_tokens=agent.limits.max_tokens, temperature=agent.temperature)
+    first: list[Message] = [
+        SystemMessage(agent.instructions),
+        UserMessage(RUN_INPUT["messages"][0]["content"]),
     ]
-    first = [{"role": "user", "content": RUN_INPUT["messages"][0]["content"]}]
-    call = {
-        "id": "call_1",
-        "type": "function",
-        "function": {"name": "calculator", "arguments": TOOL_ARGUMENTS},
-    }
-    second = [
-        *first,
-        {"role": "assistant", "content": None, "tool_calls": [call]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "42"},
-    ]
-    bodies = [
-        orjson.dumps({"model": "fake-model", "messages": messages, "tools": tools})
-        for messages in (first, second)
-    ]
+    asked = AssistantMessage(tool_calls=[ToolCall("call_1", "calculator", TOOL_ARGUMENTS)])
+    second = [*first, asked, ToolResultMessage("call_1", "calculator", "42")]
+    model = agent.model.partition(":")[2]  # "openai:fake-model"
+    bodies = [chat_request(model, m, tools, settings) for m in (first, second)]
     url = model_url + "/chat/completions"
     headers = {"Content-Type": "application/json", "Authorization": "Bearer bench"}
     latencies: list[float] = []
@@ -348,8 +345,7 @@ async def measure_floor(model_url: str, latency_s: float, runs: int = FLOOR_CALL
                         raise RuntimeError(f"fake model answered {r.status}")
             if i >= 10:
                 latencies.append(time.perf_counter() - t0 - MODEL_CALLS_PER_RUN * latency_s)
-    latencies.sort()
-    return Floor(runs, _pct(latencies, 0.5) * 1000, _pct(latencies, 0.99) * 1000)
+    return Floor(runs, percentile(latencies, 0.5) * 1000, percentile(latencies, 0.99) * 1000)
 
 
 async def _sample_every(meter: PostgresCPUMeter, period: float) -> None:
@@ -359,10 +355,12 @@ async def _sample_every(meter: PostgresCPUMeter, period: float) -> None:
         meter.sample()
 
 
-def _pct(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (the value at rank ``q × n``); NaN without any."""
+    if not values:
         return float("nan")
-    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q))]
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
 @dataclass
@@ -387,7 +385,7 @@ async def measure_cell(
     """Warm up, pre-create threads, then measure one mode at one concurrency."""
     warmup = min(runs, concurrency * 2)
     needed = math.ceil(runs / turns) + concurrency
-    threads, thread_s = await _create_threads(client, needed + warmup, concurrency)
+    threads, thread_s = await create_threads(client, needed + warmup, concurrency)
 
     async def once(thread_id: str) -> str | None:
         return await client.run(mode, thread_id)
@@ -412,7 +410,7 @@ async def measure_cell(
 
     done = max(len(outcome.latencies), 1)
     model_s = MODEL_CALLS_PER_RUN * latency_s
-    lat = sorted(outcome.latencies)
+    lat = outcome.latencies
     db_ms = aux_ms = None
     if pg is not None:
         pg.sample()
@@ -427,10 +425,10 @@ async def measure_cell(
         errors=outcome.errors,
         wall_s=wall,
         runs_per_s=len(lat) / wall,
-        p50_ms=_pct(lat, 0.5) * 1000,
-        p99_ms=_pct(lat, 0.99) * 1000,
-        added_p50_ms=(_pct(lat, 0.5) - model_s) * 1000,
-        added_p99_ms=(_pct(lat, 0.99) - model_s) * 1000,
+        p50_ms=percentile(lat, 0.5) * 1000,
+        p99_ms=percentile(lat, 0.99) * 1000,
+        added_p50_ms=(percentile(lat, 0.5) - model_s) * 1000,
+        added_p99_ms=(percentile(lat, 0.99) - model_s) * 1000,
         server_cpu_ms_per_run=server_cpu / done * 1000,
         db_cpu_ms_per_run=db_ms,
         pg_aux_cpu_ms_per_run=aux_ms,

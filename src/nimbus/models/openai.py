@@ -75,6 +75,30 @@ def tool_to_wire(spec: ToolSpec) -> dict[str, Any]:
     }
 
 
+def chat_request(
+    model_name: str,
+    messages: Sequence[Message],
+    tools: Sequence[ToolSpec],
+    settings: ModelSettings,
+    stream: bool = False,
+) -> bytes:
+    """The JSON body of a chat-completions request."""
+    body: dict[str, Any] = {
+        "model": model_name,
+        "messages": [to_wire(m) for m in messages],
+    }
+    if tools:
+        body["tools"] = [tool_to_wire(t) for t in tools]
+    if settings.max_tokens is not None:
+        body["max_tokens"] = settings.max_tokens
+    if settings.temperature is not None:
+        body["temperature"] = settings.temperature
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return orjson.dumps(body)
+
+
 #: The longest ``Retry-After`` honoured; a server asking for more gets this.
 MAX_RETRY_AFTER_S = 60.0
 
@@ -173,20 +197,7 @@ class OpenAIModel(Model):
         settings: ModelSettings,
         stream: bool,
     ) -> bytes:
-        body: dict[str, Any] = {
-            "model": self.model_name,
-            "messages": [to_wire(m) for m in messages],
-        }
-        if tools:
-            body["tools"] = [tool_to_wire(t) for t in tools]
-        if settings.max_tokens is not None:
-            body["max_tokens"] = settings.max_tokens
-        if settings.temperature is not None:
-            body["temperature"] = settings.temperature
-        if stream:
-            body["stream"] = True
-            body["stream_options"] = {"include_usage": True}
-        return orjson.dumps(body)
+        return chat_request(self.model_name, messages, tools, settings, stream)
 
     def _connection_error(self, tries: int, exc: BaseException) -> ModelConnectionError:
         reason = (

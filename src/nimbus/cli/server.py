@@ -30,13 +30,22 @@ def _settings(database_url: str | None) -> Settings:
 
 async def _bootstrap_admin(settings: Settings) -> str | None:
     """An admin key to print: created when the operator tenant has no active admin key."""
-    from nimbus.store.database import Database
-    from nimbus.store.keys import OPERATOR_TENANT
+    from pydantic import SecretStr
 
+    from nimbus.store.database import Database
+    from nimbus.store.db import in_memory
+    from nimbus.store.keys import OPERATOR_TENANT, new_key
+
+    if settings.admin_key is not None:
+        return None
+    if in_memory(settings.database_url):
+        # A database in memory lives in the server's process only: the server stores this
+        # key as it stores NIMBUS_ADMIN_KEY, at start.
+        key = new_key()
+        settings.admin_key = SecretStr(key)
+        return key
     db = await Database.open(settings.database_url)
     try:
-        if settings.admin_key is not None:
-            return None
         keys = [
             k for k in await db.keys.all(OPERATOR_TENANT) if k.scope == "admin" and not k.revoked_at
         ]

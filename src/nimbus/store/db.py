@@ -18,6 +18,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from nimbus.exceptions import ConfigError
 from nimbus.store.sqlite import in_loop_creator
@@ -43,6 +44,16 @@ def async_url(url: str) -> str:
             f"unsupported database {backend!r} in URL; use sqlite:// or postgresql://"
         )
     return parsed.render_as_string(hide_password=False)
+
+
+def in_memory(url: str) -> bool:
+    """Whether ``url`` names an SQLite database in memory (``sqlite://``, ``sqlite:///:memory:``):
+    one that lives and dies with the connection of one process."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return False
+    return parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
 
 
 # Network errors of a database connection that is refused, reset or unreachable.
@@ -116,9 +127,13 @@ def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
     target = async_url(url)
     json = {"json_serializer": dump_json, "json_deserializer": load_json}
     if target.startswith("sqlite"):
+        path = make_url(target).database or ":memory:"
         engine = create_async_engine(
             target,
-            async_creator=in_loop_creator(make_url(target).database or ":memory:"),
+            async_creator=in_loop_creator(path),
+            # A queue of one, also for a database in memory (which SQLAlchemy would give a
+            # StaticPool, shared without turns): it lives as long as that one connection.
+            poolclass=AsyncAdaptedQueuePool,
             pool_size=1,
             max_overflow=0,
             pool_timeout=60,

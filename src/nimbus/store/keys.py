@@ -22,6 +22,11 @@ from nimbus.store.schema import api_keys
 Scope = Literal["admin", "read-write", "read-only"]
 SCOPES: tuple[Scope, ...] = ("admin", "read-write", "read-only")
 KEY_PREFIX = "nmb_"
+
+
+def new_key() -> str:
+    """A new random API key (shown once; only its hash is stored)."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
 #: The tenant of ``NIMBUS_ADMIN_KEY``: its admins manage every tenant's keys.
 OPERATOR_TENANT = "default"
 #: How long a process trusts a key it has looked up: a revocation made through another
@@ -77,7 +82,7 @@ class KeyStore:
 
     async def create(self, tenant_id: str, scope: Scope, name: str = "") -> tuple[str, KeyInfo]:
         """Make a key; returns the key (shown once) and its description."""
-        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        key = new_key()
         info = KeyInfo(uuid.uuid4().hex, tenant_id, key[:12], scope, name, datetime.now(UTC), None)
         async with self.engine.begin() as conn:
             await conn.execute(

@@ -15,8 +15,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     """Nimbus settings, from ``NIMBUS_*`` environment variables (and a ``.env`` file)."""
 
+    # An empty variable (`NIMBUS_ADMIN_KEY=` in a .env file) means unset: the default, not ""
     model_config = SettingsConfigDict(
-        env_prefix="NIMBUS_", env_file=".env", extra="ignore", populate_by_name=True
+        env_prefix="NIMBUS_",
+        env_file=".env",
+        env_ignore_empty=True,
+        extra="ignore",
+        populate_by_name=True,
     )
 
     default_model: str = Field(

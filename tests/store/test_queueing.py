@@ -121,6 +121,41 @@ async def test_the_assistant_is_read_as_the_run_is_queued(db: Database) -> None:
     assert second is not None and second[0]["status"] == "pending"  # the first still runs
 
 
+async def _named(db: Database, tenant: str, name: str) -> dict[str, Any]:
+    assistant, _ = await db.assistants.create(
+        tenant,
+        assistant_id=None,
+        graph_id="agent",
+        name=name,
+        description=None,
+        config={"configurable": {"name": name}},
+        context={},
+        metadata={},
+        if_exists="raise",
+    )
+    return assistant
+
+
+async def test_the_assistant_may_be_named_by_graph_or_by_name(db: Database) -> None:
+    thread, _ = await db.threads.create(TENANT, thread_id=None, metadata={})
+    first = await _named(db, TENANT, "helper")  # the first made from the graph "agent"
+    newest = await _named(db, TENANT, "helper")  # the newest named "helper"
+    other = await _named(db, TENANT, "other")
+    await _named(db, "t2", "theirs")
+    for name, meant in (("agent", first), ("helper", newest), (other["assistant_id"], other)):
+        assert await db.assistants.find(TENANT, name) == meant  # as the general path reads it
+        queued = await _queue_with_assistant(db, TENANT, thread["thread_id"], name)
+        assert queued is not None
+        run, assistant = queued
+        assert assistant == meant
+        assert run["assistant_id"] == meant["assistant_id"]
+        stored = await db.runs.get(TENANT, run["run_id"])
+        assert stored is not None and stored["assistant_id"] == meant["assistant_id"]
+    # another tenant's assistant, by name, is no assistant of this tenant: nothing is queued
+    assert await _queue_with_assistant(db, TENANT, thread["thread_id"], "theirs") is None
+    assert len(await db.runs.of_thread(TENANT, thread["thread_id"])) == 3
+
+
 async def test_nothing_is_queued_without_the_assistant_or_the_thread(db: Database) -> None:
     thread_id, assistant_id = await _thread_and_assistant(db)
     # no such assistant; another tenant's assistant; another tenant's thread; no such thread

@@ -95,8 +95,9 @@ async def _drive(
     runs: int,
     turns: int,
     latency_s: float,
+    by_graph: bool,
 ) -> None:
-    clients = [LoadClient(server, 2) for server in servers]
+    clients = [LoadClient(server, 2, by_graph) for server in servers]
     try:
         for side, client in zip(sides, clients, strict=True):
             async with client.session.get(client.base + "/info") as r:
@@ -138,6 +139,7 @@ def bench_compare(
     mode: Mode,
     latency_ms: float,
     turns: int = 5,
+    by_graph: bool = False,
     placement: Placement | None = None,
     postgres_url: str = DEFAULT_POSTGRES_URL,
 ) -> tuple[Side, Side]:
@@ -167,7 +169,7 @@ def bench_compare(
                     env={"PYTHONPATH": str(side.src)},  # that checkout's package, not this one
                 )
                 servers.append(stack.enter_context(server))
-            run_async(_drive(sides, servers, mode, runs, turns, latency_ms / 1000))
+            run_async(_drive(sides, servers, mode, runs, turns, latency_ms / 1000, by_graph))
     finally:
         proc.terminate()
         proc.wait(timeout=10)

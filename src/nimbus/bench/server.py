@@ -176,8 +176,9 @@ def check_stream(body: bytes) -> str | None:
 class LoadClient:
     """One aiohttp session (keep-alive) against a Nimbus server."""
 
-    def __init__(self, server: NimbusServer, connections: int) -> None:
+    def __init__(self, server: NimbusServer, connections: int, by_graph: bool = False) -> None:
         self.base = server.url
+        self.by_graph = by_graph  # runs name the assistant by its graph, not by its id
         self.headers = {"x-api-key": server.admin_key, "Content-Type": "application/json"}
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=connections),
@@ -201,7 +202,8 @@ class LoadClient:
     async def create_assistant(self) -> None:
         """The calculator agent every run uses."""
         found = await self._post("/assistants", {"graph_id": "agent", "config": ASSISTANT_CONFIG})
-        self.assistant_id = found["assistant_id"]
+        # by graph: the first assistant made from it, this one (the server's database is new)
+        self.assistant_id = "agent" if self.by_graph else found["assistant_id"]
 
     async def create_thread(self) -> str:
         """A new, empty thread."""
@@ -449,9 +451,10 @@ async def _measure_database(
     modes: list[Mode],
     turns: int,
     latency_s: float,
+    by_graph: bool,
     report: Callable[[CellResult], None],
 ) -> list[CellResult]:
-    client = LoadClient(target.server, max(concurrencies) + 8)
+    client = LoadClient(target.server, max(concurrencies) + 8, by_graph)
     results: list[CellResult] = []
     try:
         await client.create_assistant()
@@ -474,6 +477,7 @@ def bench_server(
     databases: list[str],
     postgres_url: str = DEFAULT_POSTGRES_URL,
     turns: int = 5,
+    by_graph: bool = False,
     placement: Placement | None = None,
     report: Callable[[CellResult], None] = lambda _: None,
     announce: Callable[[str], None] = lambda _: None,
@@ -483,6 +487,7 @@ def bench_server(
 
     ``announce`` gets a line per database naming the server's pid (to profile it) and, after
     failed runs, where its log was kept; ``on_floor`` the :class:`Floor`, measured first.
+    ``by_graph``: runs name their assistant by its graph (``agent``), not by its id.
     ``placement`` ``None`` pins nothing. This process's CPU affinity is restored at the end.
     """
     placement = placement or Placement(None, None, None)
@@ -522,6 +527,7 @@ def bench_server(
                             modes=modes,
                             turns=turns,
                             latency_s=latency_ms / 1000,
+                            by_graph=by_graph,
                             report=report,
                         )
                     )

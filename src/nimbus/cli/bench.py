@@ -30,6 +30,14 @@ ServerCpu = Annotated[
 ModelCpu = Annotated[
     int | None, typer.Option(help="Core for the fake model server (default: the second).")
 ]
+ByGraph = Annotated[
+    bool,
+    typer.Option(
+        "--by-graph",
+        help="Runs name their assistant by its graph (`agent`), as LangGraph's examples do, "
+        "not by its id.",
+    ),
+]
 ClientCpu = Annotated[
     int | None,
     typer.Option(help="Core for this load client (default: the third, else the second)."),
@@ -146,6 +154,7 @@ def server(
         ),
     ] = None,
     turns: Turns = 5,
+    by_graph: ByGraph = False,
     server_cpu: ServerCpu = None,
     model_cpu: ModelCpu = None,
     client_cpu: ClientCpu = None,
@@ -182,7 +191,7 @@ def server(
     console = Console(stderr=json_output, highlight=False, width=150)
     for line in (
         f"fake model: {latency_ms:g} ms/call, 2 calls/run; {runs} runs per cell, "
-        f"{turns} runs per thread",
+        f"{turns} runs per thread{'; the assistant named by its graph' if by_graph else ''}",
         f"placement: {placement.describe()}",
         "added = run time - 2 x model latency; srv ms = nimbus server CPU per run (all threads)",
         "DB ms = CPU per run of the PostgreSQL backends of the bench database; PG aux = CPU per "
@@ -229,6 +238,7 @@ def server(
         databases=databases,
         postgres_url=pg_url,
         turns=turns,
+        by_graph=by_graph,
         placement=placement,
         report=report,
         announce=console.print,
@@ -285,6 +295,7 @@ def compare(
         float, typer.Option(min=0, help="Fake model latency per call, in ms.")
     ] = 20.0,
     turns: Turns = 5,
+    by_graph: ByGraph = False,
     postgres_url: Annotated[
         str | None,
         typer.Option(help="PostgreSQL server for the two databases (as for `bench server`)."),
@@ -312,6 +323,7 @@ def compare(
     console = Console(stderr=json_output, highlight=False, width=120)
     console.print(
         f"{database}, {mode}, {runs} runs per server, fake model {latency_ms:g} ms/call; "
+        f"{'the assistant named by its graph; ' if by_graph else ''}"
         f"base: {base_src}; placement: {placement.describe()}"
     )
     sides = bench_compare(
@@ -321,6 +333,7 @@ def compare(
         mode=mode,
         latency_ms=latency_ms,
         turns=turns,
+        by_graph=by_graph,
         placement=placement,
         postgres_url=pg_url,
     )

@@ -27,6 +27,8 @@ KEY_PREFIX = "nmb_"
 def new_key() -> str:
     """A new random API key (shown once; only its hash is stored)."""
     return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
 #: The tenant of ``NIMBUS_ADMIN_KEY``: its admins manage every tenant's keys.
 OPERATOR_TENANT = "default"
 #: How long a process trusts a key it has looked up: a revocation made through another

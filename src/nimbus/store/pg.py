@@ -163,12 +163,23 @@ _PENDING = "SELECT count(*) FROM runs WHERE status = 'pending'"
 _TENANT_PENDING = "SELECT count(*) FROM runs WHERE status = 'pending' AND tenant_id = $1"
 _QUEUE = "SELECT * FROM nimbus_queue_run($1, $2, $3, $4, $5, $6, $7, $8, $9)"  # migration 0007
 # The same, reading the run's assistant in the same round trip: no row when the tenant has no
-# such assistant (the function is then not called: nothing is queued) or no such thread.
+# such assistant (the function is then not called: nothing is queued) or no such thread. $4
+# names the assistant as AssistantStore.find resolves it: by id, else the first made from the
+# graph of that name, else the newest of that name. A non-parallel Append (a query calling a
+# function that writes is never parallel) reads its branches in order, and LIMIT stops it at
+# the first row: a later branch is read only when those before found nothing.
 _QUEUE_KNOWN = """
 SELECT a.*, q.interrupted, q.claimed, q.thread_values, q.thread_checkpoint_id
-FROM assistants a
+FROM (
+    SELECT * FROM assistants WHERE tenant_id = $2 AND assistant_id = $4
+    UNION ALL
+    (SELECT * FROM assistants WHERE tenant_id = $2 AND graph_id = $4 ORDER BY created_at LIMIT 1)
+    UNION ALL
+    (SELECT * FROM assistants WHERE tenant_id = $2 AND name = $4
+     ORDER BY created_at DESC LIMIT 1)
+    LIMIT 1
+) a
 CROSS JOIN LATERAL nimbus_queue_run($1, a.tenant_id, $3, a.assistant_id, $5, $6, $7, $8, $9) q
-WHERE a.tenant_id = $2 AND a.assistant_id = $4
 """
 _QUEUED = ("interrupted", "claimed", "thread_values", "thread_checkpoint_id")
 # A run on a new, temporary thread (stateless runs): both rows in one statement.
@@ -378,9 +389,10 @@ class PgHotPath:
         """Queue a run on an existing thread (see :meth:`RunStore.create`); None when the
         tenant has no such thread. With ``owner``, a run that may start at once is claimed
         by that worker as it is queued: it comes back running, with its lease token and
-        its thread as ``claimed_thread``. ``with_assistant``: the assistant is read in the
-        same round trip and comes back as ``assistant``; None (nothing queued) when the
-        tenant has no assistant of that id."""
+        its thread as ``claimed_thread``. ``with_assistant``: ``assistant_id`` names the
+        assistant by id, graph or name (see ``_QUEUE_KNOWN``); it is read in the same round
+        trip and comes back as ``assistant``; None (nothing queued) when the tenant has no
+        such assistant."""
         stamp, run_id = now(), new_id()
         try:
             found = await self.pool.fetchrow(
@@ -401,6 +413,8 @@ class PgHotPath:
             raise
         if found is None:
             return None
+        if with_assistant:
+            assistant_id = found["assistant_id"]  # the id of the assistant it names
         run = pending_run(
             run_id, tenant_id, thread_id, assistant_id, kwargs, metadata, multitask_strategy, stamp
         )

@@ -212,10 +212,13 @@ class RunStore:
         multitask_strategy: str,
         claim_as: str | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        """:meth:`create` on an existing thread, reading the tenant's assistant of that id in
-        the same transaction (on PostgreSQL: in the same round trip): ``(run, assistant)``.
-        None, with nothing queued, when the thread or the assistant is missing (then
-        :meth:`create` decides: it may create the thread)."""
+        """:meth:`create` on an existing thread, reading the tenant's assistant in the same
+        transaction (on PostgreSQL: in the same round trip): ``(run, assistant)``.
+        ``assistant_id`` names it by id, graph or name, as
+        :meth:`~nimbus.store.assistants.AssistantStore.find` resolves them; the run is
+        queued for that assistant's id. None, with nothing queued, when the thread or the
+        assistant is missing (then :meth:`create` decides: it may create the thread, or a
+        graph's system assistant)."""
         hot = self.fast or self.lite
         assert hot is not None, "a database is PostgreSQL or SQLite"
         run = await hot.queue_run(

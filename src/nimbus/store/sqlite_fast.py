@@ -129,6 +129,13 @@ _GET_ASSISTANT = (
     f"SELECT {', '.join(_ASSISTANT_COLUMNS)} FROM assistants "
     "WHERE tenant_id = ? AND assistant_id = ?"
 )
+# An assistant named by its graph (the first one made from it) or by its name (the newest of
+# that name), as :meth:`nimbus.store.assistants.AssistantStore.find` resolves them.
+_FIND_ASSISTANT = tuple(
+    f"SELECT {', '.join(_ASSISTANT_COLUMNS)} FROM assistants "
+    f"WHERE tenant_id = ? AND {column} = ? ORDER BY created_at {order} LIMIT 1"
+    for column, order in (("graph_id", "ASC"), ("name", "DESC"))
+)
 _JSON_COLUMNS = {"metadata", "kwargs", "state", "values", "config", "context"}
 _TIME_COLUMNS = {"created_at", "updated_at"}
 
@@ -202,9 +209,10 @@ class SqliteHotPath:
         process), a run that can start at once (no other run of its thread is active) is
         claimed in the same transaction: it comes back running, with its thread as
         ``claimed_thread``. As with any claim on SQLite (one process), its attempt records
-        no worker. ``with_assistant``: the assistant is read in the same transaction and
-        comes back as ``assistant``; None (nothing queued) when the tenant has no assistant
-        of that id."""
+        no worker. ``with_assistant``: ``assistant_id`` names the assistant by id, graph or
+        name (as :meth:`~nimbus.store.assistants.AssistantStore.find` does); it is read in
+        the same transaction and comes back as ``assistant``, the run is queued for it; None
+        (nothing queued) when the tenant has no such assistant."""
         return await self.transact(
             _queue_run,
             tenant_id,
@@ -315,8 +323,10 @@ def _queue_run(
     with_assistant: bool = False,
 ) -> dict[str, Any] | None:
     assistant = None
-    if with_assistant and (assistant := _assistant(conn, tenant_id, assistant_id)) is None:
-        return None
+    if with_assistant:
+        if (assistant := _find_assistant(conn, tenant_id, assistant_id)) is None:
+            return None
+        assistant_id = assistant["assistant_id"]
     stamp = now()
     text = stamp_text(stamp)
     # Marking the thread busy also takes the lock of the whole queueing.
@@ -383,4 +393,16 @@ def _assistant(
     conn: sqlite3.Connection, tenant_id: str, assistant_id: str
 ) -> dict[str, Any] | None:
     found = conn.execute(_GET_ASSISTANT, (tenant_id, assistant_id)).fetchone()
+    return None if found is None else _read(_ASSISTANT_COLUMNS, found)
+
+
+def _find_assistant(
+    conn: sqlite3.Connection, tenant_id: str, id_or_name: str
+) -> dict[str, Any] | None:
+    """An assistant by id, else by graph, else by name (see ``_FIND_ASSISTANT``)."""
+    found = conn.execute(_GET_ASSISTANT, (tenant_id, id_or_name)).fetchone()
+    for query in _FIND_ASSISTANT:
+        if found is not None:
+            break
+        found = conn.execute(query, (tenant_id, id_or_name)).fetchone()
     return None if found is None else _read(_ASSISTANT_COLUMNS, found)

@@ -115,14 +115,10 @@ async def create_run(
     reserved = svc.pool.reserve(caller.tenant_id)
     try:
         run: dict[str, Any] | None = None
-        if (
-            thread_id is not None
-            and idempotency_key is None
-            and not (body.config or body.context)
-            and body.assistant_id not in GRAPHS
-        ):
-            # The usual run (an assistant by id, a thread that exists, nothing to validate
-            # against the assistant first): the assistant is read as the run is queued.
+        if thread_id is not None and idempotency_key is None and not (body.config or body.context):
+            # The usual run (an assistant by id, graph or name; a thread that exists; nothing
+            # to validate against the assistant first): the assistant is read as the run is
+            # queued.
             queued = await svc.db.runs.create_with_assistant(
                 caller.tenant_id,
                 thread_id=thread_id,

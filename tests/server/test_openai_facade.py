@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from tests.server.conftest import LiveServer
+from nimbus.testing.fake_openai import FakeOpenAIServer
+from tests.server.conftest import LiveServer, live_server
 
 CALC = {"configurable": {"model": "openai:fake-model", "tools": ["calculator"]}}
 ASK = [{"role": "user", "content": "What is 6 times 7?"}]
@@ -81,6 +84,31 @@ async def test_completion_by_id_and_by_name(server: LiveServer, client: openai.A
         assert done.usage is not None and done.usage.total_tokens > 0
         assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
     assert await _threads(server) == []  # stateless: the temporary threads are gone
+
+
+async def test_an_answer_never_waits_for_a_poll(database_url: str, tmp_path: Path) -> None:
+    # Servers look at the database every NIMBUS_POLL_S for what they missed. A completion
+    # once waited a whole poll on PostgreSQL after its run had ended (the run's row, as
+    # queued, still said pending): a second per request at the default of 1 s.
+    async with (
+        FakeOpenAIServer(tool_arguments='{"expression": "6 * 7"}') as fake,
+        live_server(database_url, fake, tmp_path, NIMBUS_POLL_S="30") as server,
+        _client(server) as client,
+    ):
+        await _create_assistant(server)
+        for stream in (False, True, False):
+            started = time.monotonic()
+            if stream:
+                chunks = await client.chat.completions.create(
+                    model="calc", messages=ASK, stream=True
+                )
+                text = "".join([c.choices[0].delta.content or "" async for c in chunks])
+            else:
+                done = await client.chat.completions.create(model="calc", messages=ASK)
+                text = done.choices[0].message.content or ""
+            assert text == "The result is 42."
+            assert time.monotonic() - started < 15  # far below the poll's 30 s
+        assert await _threads(server) == []
 
 
 async def test_conversation_system_message_parts_and_settings(

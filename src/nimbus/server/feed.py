@@ -253,13 +253,12 @@ class FeedFollower:
         log.warning("feed.event_missing", run_id=run_id, seq=seq)
         return None
 
-    async def wait(self, run_id: str, pending: bool = False) -> None:
-        """Until ``run_id`` is over (see :meth:`RunStore.ended`). ``pending``: it was pending
-        a moment ago (just queued), so there is no need to look before asking."""
+    async def wait(self, run_id: str) -> None:
+        """Until ``run_id`` is over (see :meth:`RunStore.ended`)."""
         inbox = self._open(run_id)
         wait_s = self.poll_s
         try:
-            if not pending and await self.db.runs.ended(run_id):
+            if await self.db.runs.ended(run_id):
                 return
             while True:
                 self._ask(run_id, -1, end_only=True)

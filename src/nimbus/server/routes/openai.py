@@ -69,10 +69,12 @@ async def chat_completions(
     )
     run = await create_run(svc, caller, None, request)
     text: RunText | None = None
-    handed_over = False
+    handed_over = ended = False
     try:
         if not body.stream:
-            return await _complete(svc, run, body.model)
+            final = await wait_for(svc, run)
+            ended = True
+            return await _complete(svc, final, body.model)
         text = RunText(svc, run)
         # Wait for the first token, so that a run failing before it is a 502, not a 200.
         first = await anext(text.deltas, None)
@@ -85,14 +87,14 @@ async def chat_completions(
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
     finally:
         if not handed_over:
-            await _discard(svc, run, text)
+            await _discard(svc, run, text, ended or (text is not None and text.final is not None))
 
 
-async def _complete(svc: Services, run: dict[str, Any], model: str) -> dict[str, Any]:
-    final = await wait_for(svc, run)
+async def _complete(svc: Services, final: dict[str, Any], model: str) -> dict[str, Any]:
+    """The completion of a run that ended (``final``: its row)."""
     if final["status"] != "success":
         raise run_failed(final)
-    thread = await svc.db.threads.get(run["tenant_id"], run["thread_id"])
+    thread = await svc.db.threads.get(final["tenant_id"], final["thread_id"])
     answer = final_answer(thread["values"] if thread else {})
     return completion(final, model, answer.content if answer else "", usage_of(final))
 
@@ -145,7 +147,8 @@ async def _chunks(
         async for delta in text.deltas:
             yield _data(chunk(run, model, {"content": delta}))
         final = text.final or run
-        await _discard(svc, run, text)  # before the client hears the end: nothing is left over
+        # before the client hears the end: nothing is left over
+        await _discard(svc, run, text, text.final is not None)
         done = True
         if final["status"] != "success":
             # Headers are sent; the OpenAI clients raise on an error object in the stream.
@@ -160,11 +163,17 @@ async def _chunks(
             await _discard(svc, run, text)
 
 
-async def _discard(svc: Services, run: dict[str, Any], text: RunText | None) -> None:
-    """Stop the run if still active, wait for it to end, delete its temporary thread."""
+async def _discard(
+    svc: Services, run: dict[str, Any], text: RunText | None, ended: bool = False
+) -> None:
+    """Stop the run if still active, wait for it to end, delete its temporary thread.
+    ``ended``: the run is known to have ended (its row was read since): only the thread."""
     with anyio.CancelScope(shield=True):  # also when the request itself is being cancelled
         if text is not None:
             await text.deltas.aclose()
+        if ended:
+            await svc.db.threads.delete(run["tenant_id"], run["thread_id"])
+            return
         if await svc.db.runs.status(run["run_id"]) in ACTIVE:
             await svc.db.runs.cancel(run["tenant_id"], run["run_id"], None, "interrupt")
             svc.pool.cancel_everywhere(run["run_id"])

@@ -288,7 +288,8 @@ async def wait_for(svc: Services, run: dict[str, Any]) -> dict[str, Any]:
         await done.wait()
     if done is None or done.outcome is None:  # it ran (or runs) elsewhere, or not at all
         if svc.follower is not None:
-            await svc.follower.wait(run["run_id"], pending=run.get("status") == "pending")
+            # (``run`` may be the row as queued, pending, though the run has ended since)
+            await svc.follower.wait(run["run_id"])
         else:
             while await svc.db.runs.status(run["run_id"]) in ACTIVE:  # noqa: ASYNC110
                 await asyncio.sleep(0.2)

@@ -6,11 +6,13 @@ Behaviour only, never speed: speed figures come from running the benchmark itsel
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
 
-from nimbus.bench.processes import nimbus_server
+from nimbus.bench.processes import NimbusServer, nimbus_server
 from nimbus.bench.server import (
     EXPECTED_ANSWER,
     TOOL_ARGUMENTS,
@@ -77,53 +79,51 @@ def test_default_placement_keeps_the_server_alone_on_its_core() -> None:
     assert default_placement([2, 5, 7, 9]) == Placement(2, 5, 7)
 
 
-async def test_the_floor_sends_the_requests_the_server_sends(tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def _served(tmp_path: Path) -> AsyncIterator[tuple[FakeOpenAIServer, NimbusServer]]:
+    """A fake model and the bench's ``nimbus serve`` on SQLite, talking to it."""
     fake = await FakeOpenAIServer(tool_arguments=TOOL_ARGUMENTS).start()
     try:
         loop = asyncio.get_running_loop()
         started = nimbus_server(f"sqlite:///{tmp_path}/n.db", fake.base_url, None, tmp_path)
         server = await loop.run_in_executor(None, started.__enter__)
         try:
-            client = LoadClient(server, 1)
-            await client.create_assistant()
-            assert await client.run("stream", await client.create_thread()) is None
-            await client.close()
+            yield fake, server
         finally:
             await loop.run_in_executor(None, started.__exit__, None, None, None)
+    finally:
+        await fake.stop()
+
+
+async def test_the_floor_sends_the_requests_the_server_sends(tmp_path: Path) -> None:
+    async with _served(tmp_path) as (fake, server):
+        client = LoadClient(server, 1)
+        await client.create_assistant()
+        assert await client.run("stream", await client.create_thread()) is None
+        await client.close()
         by_server = list(fake.requests)
         assert len(by_server) == 2
         fake.requests.clear()
         await measure_floor(fake.base_url, 0, runs=1)
         assert fake.requests[:2] == by_server  # the same two requests, body for body
-    finally:
-        await fake.stop()
 
 
 async def test_runs_may_name_the_assistant_by_its_graph(tmp_path: Path) -> None:
-    fake = await FakeOpenAIServer(tool_arguments=TOOL_ARGUMENTS).start()
-    try:
-        loop = asyncio.get_running_loop()
-        started = nimbus_server(f"sqlite:///{tmp_path}/n.db", fake.base_url, None, tmp_path)
-        server = await loop.run_in_executor(None, started.__enter__)
-        try:
-            client = LoadClient(server, 1, by_graph=True)
-            await client.create_assistant()
-            assert client.assistant_id == "agent"
-            thread_id = await client.create_thread()
-            assert await client.run("stream", thread_id) is None
-            assert await client.run("wait", thread_id) is None
-            assistants = await client._post("/assistants/search", {})
-            async with client.session.get(
-                f"{client.base}/threads/{thread_id}/runs", headers=client.headers
-            ) as r:
-                runs = orjson.loads(await r.read())
-            await client.close()
-        finally:
-            await loop.run_in_executor(None, started.__exit__, None, None, None)
-        # both runs ran with the one assistant the bench made, named by its graph
-        assert len(assistants) == 1
-        assert [(r["assistant_id"], r["status"]) for r in runs] == [
-            (assistants[0]["assistant_id"], "success")
-        ] * 2
-    finally:
-        await fake.stop()
+    async with _served(tmp_path) as (_, server):
+        client = LoadClient(server, 1, by_graph=True)
+        await client.create_assistant()
+        assert client.assistant_id == "agent"
+        thread_id = await client.create_thread()
+        assert await client.run("stream", thread_id) is None
+        assert await client.run("wait", thread_id) is None
+        assistants = await client._post("/assistants/search", {})
+        async with client.session.get(
+            f"{client.base}/threads/{thread_id}/runs", headers=client.headers
+        ) as r:
+            runs = orjson.loads(await r.read())
+        await client.close()
+    # both runs ran with the one assistant the bench made, named by its graph
+    assert len(assistants) == 1
+    assert [(r["assistant_id"], r["status"]) for r in runs] == [
+        (assistants[0]["assistant_id"], "success")
+    ] * 2

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,25 @@ class LiveServer:
 
     def logs(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+async def wait_listening(
+    process: subprocess.Popen[bytes], port: int, logs: Callable[[], str]
+) -> None:
+    """Until ``nimbus serve`` listens on ``port``; its ``logs`` in the error if it exits or
+    does not listen within a minute."""
+    deadline = time.monotonic() + 60
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"nimbus serve exited {process.returncode}:\n{logs()}")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nimbus serve did not listen:\n{logs()}") from None
+            await asyncio.sleep(0.05)
 
 
 @contextlib.asynccontextmanager
@@ -71,18 +90,7 @@ async def live_server(
         )
     server = LiveServer(f"http://127.0.0.1:{port}", ADMIN_KEY, database_url, fake, process, log)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"nimbus serve exited {process.returncode}:\n{server.logs()}")
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"nimbus serve did not listen:\n{server.logs()}") from None
-                await asyncio.sleep(0.05)
+        await wait_listening(process, port, server.logs)
         yield server
     finally:
         process.terminate()

@@ -3,18 +3,17 @@ prints works, and runs are stored and read back like on a file, for as long as i
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from langgraph_sdk import get_client
 
 from nimbus.testing.fake_openai import FakeOpenAIServer
 from tests.postgres import free_port
+from tests.server.conftest import wait_listening
 
 MEMORY = ("--database-url", "sqlite://")
 
@@ -29,17 +28,7 @@ def _databases(folder: Path) -> list[Path]:
 
 async def _printed_key(process: subprocess.Popen[bytes], log: Path, port: int) -> str:
     """The admin key ``nimbus serve`` printed, once it listens."""
-    deadline = time.monotonic() + 60
-    while True:
-        if process.poll() is not None:
-            raise AssertionError(f"nimbus serve exited {process.returncode}:\n{_read(log)}")
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, _read(log)
-            await asyncio.sleep(0.05)
+    await wait_listening(process, port, lambda: _read(log))
     found = re.search(r"Admin API key \(shown once, keep it\): (nmb_\S+)", _read(log))
     assert found is not None, _read(log)
     return found.group(1)

@@ -152,6 +152,8 @@ async def test_the_assistant_may_be_named_by_graph_or_by_name(db: Database) -> N
         stored = await db.runs.get(TENANT, run["run_id"])
         assert stored is not None and stored["assistant_id"] == meant["assistant_id"]
     # another tenant's assistant, by name, is no assistant of this tenant: nothing is queued
+    assert await db.assistants.find(TENANT, "theirs") is None
+    assert await db.assistants.find("t2", "theirs") is not None
     assert await _queue_with_assistant(db, TENANT, thread["thread_id"], "theirs") is None
     assert len(await db.runs.of_thread(TENANT, thread["thread_id"])) == 3
 

@@ -38,25 +38,11 @@ class AssistantStore:
 
     async def find(self, tenant_id: str, id_or_name: str) -> dict[str, Any] | None:
         """An assistant by id; else the first one made from the graph of that name; else the
-        newest one with that name."""
-        found = await self.get(tenant_id, id_or_name)
-        if found is not None:
-            return found
-        async with self.auto.connect() as conn:
-            for column, order in (
-                (assistants.c.graph_id, assistants.c.created_at.asc()),
-                (assistants.c.name, assistants.c.created_at.desc()),
-            ):
-                result = await conn.execute(
-                    select(assistants)
-                    .where(assistants.c.tenant_id == tenant_id, column == id_or_name)
-                    .order_by(order)
-                    .limit(1)
-                )
-                found = row(result.mappings().first())
-                if found is not None:
-                    return found
-        return None
+        newest one with that name (PostgreSQL: in one round trip)."""
+        if self.fast is not None:
+            return await self.fast.find_assistant(tenant_id, id_or_name)
+        assert self.lite is not None, "a database is PostgreSQL or SQLite"
+        return await self.lite.find_assistant(tenant_id, id_or_name)
 
     async def ensure_system(self, tenant_id: str, graph_id: str) -> dict[str, Any]:
         """The tenant's system assistant of a graph (made on first use, as LangGraph does)."""

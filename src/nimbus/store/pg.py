@@ -162,23 +162,26 @@ _HAND_BACK = _RELEASE.format(
 _PENDING = "SELECT count(*) FROM runs WHERE status = 'pending'"
 _TENANT_PENDING = "SELECT count(*) FROM runs WHERE status = 'pending' AND tenant_id = $1"
 _QUEUE = "SELECT * FROM nimbus_queue_run($1, $2, $3, $4, $5, $6, $7, $8, $9)"  # migration 0007
-# The same, reading the run's assistant in the same round trip: no row when the tenant has no
-# such assistant (the function is then not called: nothing is queued) or no such thread. $4
-# names the assistant as AssistantStore.find resolves it: by id, else the first made from the
-# graph of that name, else the newest of that name. A non-parallel Append (a query calling a
-# function that writes is never parallel) reads its branches in order, and LIMIT stops it at
-# the first row: a later branch is read only when those before found nothing.
-_QUEUE_KNOWN = """
+# An assistant of tenant {t} named by {n}: its id, else the first one made from the graph of
+# that name, else the newest one with that name. The Append of a plan that is not parallel
+# (these tables are far too small for a parallel plan, and a query calling a function that
+# writes never has one) reads its branches in order, and LIMIT stops it at the first row: a
+# branch is read only when those before it found nothing.
+_NAMED = """
+SELECT * FROM assistants WHERE tenant_id = {t} AND assistant_id = {n}
+UNION ALL
+(SELECT * FROM assistants WHERE tenant_id = {t} AND graph_id = {n} ORDER BY created_at LIMIT 1)
+UNION ALL
+(SELECT * FROM assistants WHERE tenant_id = {t} AND name = {n} ORDER BY created_at DESC LIMIT 1)
+LIMIT 1
+"""
+_FIND_ASSISTANT = _NAMED.format(t="$1", n="$2")
+# Queueing, reading the run's assistant (named by $4, as above) in the same round trip: no row
+# when the tenant has no such assistant (the function is then not called: nothing is queued)
+# or no such thread.
+_QUEUE_KNOWN = f"""
 SELECT a.*, q.interrupted, q.claimed, q.thread_values, q.thread_checkpoint_id
-FROM (
-    SELECT * FROM assistants WHERE tenant_id = $2 AND assistant_id = $4
-    UNION ALL
-    (SELECT * FROM assistants WHERE tenant_id = $2 AND graph_id = $4 ORDER BY created_at LIMIT 1)
-    UNION ALL
-    (SELECT * FROM assistants WHERE tenant_id = $2 AND name = $4
-     ORDER BY created_at DESC LIMIT 1)
-    LIMIT 1
-) a
+FROM ({_NAMED.format(t="$2", n="$4")}) a
 CROSS JOIN LATERAL nimbus_queue_run($1, a.tenant_id, $3, a.assistant_id, $5, $6, $7, $8, $9) q
 """
 _QUEUED = ("interrupted", "claimed", "thread_values", "thread_checkpoint_id")
@@ -276,6 +279,11 @@ class PgHotPath:
     async def assistant(self, tenant_id: str, assistant_id: str) -> dict[str, Any] | None:
         """One assistant of the tenant by id, or None."""
         found = await self.pool.fetchrow(_ASSISTANT, tenant_id, assistant_id)
+        return None if found is None else dict(found)
+
+    async def find_assistant(self, tenant_id: str, id_or_name: str) -> dict[str, Any] | None:
+        """One assistant of the tenant by id, graph or name (see ``_NAMED``), or None."""
+        found = await self.pool.fetchrow(_FIND_ASSISTANT, tenant_id, id_or_name)
         return None if found is None else dict(found)
 
     async def run(self, tenant_id: str, run_id: str) -> dict[str, Any] | None:

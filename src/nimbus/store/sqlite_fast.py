@@ -188,6 +188,10 @@ class SqliteHotPath:
         """One assistant of the tenant by id, or None."""
         return await self.use(_assistant, tenant_id, assistant_id)
 
+    async def find_assistant(self, tenant_id: str, id_or_name: str) -> dict[str, Any] | None:
+        """One assistant of the tenant by id, graph or name (see ``_FIND_ASSISTANT``)."""
+        return await self.use(_find_assistant, tenant_id, id_or_name)
+
     async def write_steps(self, steps: list[StepWrite]) -> list[str | None]:
         """Write a batch of steps in one transaction (see :mod:`nimbus.store.writer`)."""
         return await self.transact(_write_steps, steps)

@@ -67,7 +67,7 @@ async def chat_completions(
         stream_mode=modes,
         on_completion="delete",
     )
-    run = await create_run(svc, caller, None, request)
+    run = await create_run(svc, caller, None, request, assistant=assistant)
     text: RunText | None = None
     handed_over = ended = False
     try:

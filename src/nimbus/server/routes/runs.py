@@ -87,9 +87,11 @@ async def create_run(
     body: RunCreate,
     default_modes: Any = None,
     idempotency_key: str | None = None,
+    assistant: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Validate and queue a run; the worker pool picks it up. With an ``idempotency_key``
-    used before for the same request, the run made then (``replayed``), queued once."""
+    used before for the same request, the run made then (``replayed``), queued once.
+    ``assistant``: the run's assistant, when the caller has read it already."""
     if thread_id is not None and len(thread_id) > MAX_ID:  # no such thread can be stored
         if body.if_not_exists == "create":
             raise APIError(422, f"thread_id longer than {MAX_ID} characters")
@@ -131,7 +133,7 @@ async def create_run(
             if queued is not None:
                 run, assistant = queued
         if run is None:
-            assistant = await _assistant(svc, caller, body)
+            assistant = await _assistant(svc, caller, body, assistant)
             run = await svc.db.runs.create(
                 caller.tenant_id,
                 thread_id=thread_id,
@@ -167,10 +169,12 @@ async def create_run(
     return run
 
 
-async def _assistant(svc: Services, caller: Principal, body: RunCreate) -> dict[str, Any]:
-    """The run's assistant, by id, graph or name (404 if none), its settings checked with the
-    run's own ``config`` and ``context`` (422)."""
-    assistant = await svc.db.assistants.find(caller.tenant_id, body.assistant_id)
+async def _assistant(
+    svc: Services, caller: Principal, body: RunCreate, known: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The run's assistant (``known``, or read: by id, graph or name; 404 if none), its
+    settings checked with the run's own ``config`` and ``context`` (422)."""
+    assistant = known or await svc.db.assistants.find(caller.tenant_id, body.assistant_id)
     if assistant is None and body.assistant_id in GRAPHS:
         assistant = await svc.db.assistants.ensure_system(caller.tenant_id, body.assistant_id)
     if not assistant:

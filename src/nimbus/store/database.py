@@ -8,7 +8,7 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nimbus.store.assistants import AssistantStore
-from nimbus.store.db import create_engine, migrate
+from nimbus.store.db import create_engine, in_memory, migrate
 from nimbus.store.items import ItemStore
 from nimbus.store.keys import KeyStore
 from nimbus.store.pg import PgHotPath
@@ -43,7 +43,7 @@ class Database:
         engine = create_engine(url, pool_size=pool_size)
         checkpointer = None
         path = engine.url.database
-        if engine.dialect.name == "sqlite" and path and path != ":memory:":
+        if engine.dialect.name == "sqlite" and path and not in_memory(url):
             # checkpoints of the log off the event loop (see WalCheckpointer), SQLite's own
             # only as a backstop: on every connection the engine opens, from the first one
             checkpointer = WalCheckpointer(path)

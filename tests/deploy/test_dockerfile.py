@@ -182,6 +182,9 @@ def _in_context(path: str) -> bool:
     "path",
     [
         "pyproject.toml",
+        "requirements/base.txt",
+        "requirements/local.txt",
+        "requirements/build.txt",
         "README.md",
         "src/nimbus/__init__.py",
         "src/nimbus/py.typed",

@@ -4,7 +4,8 @@
 NimbusError                      base: everything below carries context, none logs itself
 ├── UserError                    the caller's input or configuration is wrong (→ 4xx, CLI exit 2)
 │   ├── ConfigError              bad settings, agent file, unknown model id or tool name
-│   └── ToolDefinitionError      a Python function that cannot become a tool
+│   ├── ToolDefinitionError      a Python function that cannot become a tool
+│   └── NotAllowed               well-formed, but not allowed to this caller (→ 403)
 ├── ModelError                   a model provider failed
 │   ├── ModelHTTPError           the endpoint answered with an error status
 │   ├── ModelConnectionError     the endpoint could not be reached / timed out
@@ -35,6 +36,11 @@ class ConfigError(UserError):
 
 class ToolDefinitionError(UserError):
     """A Python callable that cannot be turned into a tool."""
+
+
+class NotAllowed(UserError):
+    """A well-formed request that its caller may not make: a run widening its assistant's
+    tools, a read-only key asking for something that changes state."""
 
 
 class ModelError(NimbusError):

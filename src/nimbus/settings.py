@@ -86,6 +86,18 @@ class Settings(BaseSettings):
         description="Runs of one tenant waiting for a slot; a run beyond that is refused "
         "with 429 (unset: no limit).",
     )
+    tenant_max_streams: int = Field(
+        default=100,
+        ge=1,
+        description="Event streams (run streams and joins) one tenant may hold open at once "
+        "on one server process; one more is refused with 429.",
+    )
+    max_thread_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=65_536,
+        description="Largest state a thread may grow to (its messages as JSON); a run that "
+        "would grow it further fails with reason `thread_too_large`.",
+    )
     sse_heartbeat_s: float = Field(
         default=15.0,
         ge=0,

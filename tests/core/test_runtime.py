@@ -417,3 +417,63 @@ async def test_scripted_model_fails_when_run_goes_off_script() -> None:
     model = ScriptedModel([ask(call("1", "add", '{"a": 1, "b": 1}'))])
     with pytest.raises(ScriptMismatch, match="script has 1 turns"):
         await run(AGENT, "x", model=model, tools=[Counter().tool()])
+
+
+# --- caps on tool calls, and calls the run's own model did not make ----------------------
+
+
+def _many(n: int, prefix: str = "c") -> AssistantMessage:
+    return ask(*(call(f"{prefix}{i}", "add", '{"a": 1, "b": 1}') for i in range(n)))
+
+
+async def test_a_step_asking_for_more_tool_calls_than_allowed_fails_the_run() -> None:
+    counter = Counter()
+    agent = Agent(name="t", tools=["add"], limits=Limits(max_tool_calls_per_step=8))
+    model = ScriptedModel([_many(1_600)])
+    with pytest.raises(RunFailed) as failed:
+        await run(agent, "go", model=model, tools=[counter.tool()])
+    assert failed.value.reason == "max_tool_calls"
+    assert "1600 tool calls in one step" in str(failed.value)
+    assert counter.calls == []  # not one of them ran
+
+
+async def test_a_run_asking_for_more_tool_calls_than_allowed_fails() -> None:
+    counter = Counter()
+    agent = Agent(
+        name="t", tools=["add"], limits=Limits(max_tool_calls_per_step=8, max_tool_calls=10)
+    )
+    model = ScriptedModel([_many(6, "a"), _many(6, "b")])
+    store = InMemoryCheckpointStore()
+    with pytest.raises(RunFailed) as failed:
+        await run(agent, "go", model=model, tools=[counter.tool()], checkpoints=store, run_id="r")
+    assert failed.value.reason == "max_tool_calls"
+    assert len(counter.calls) == 6  # the first step's six, then 12 > 10: refused
+    saved = await store.load("r")
+    assert saved is not None and saved.tool_calls == 6
+    model.assert_done()
+
+
+async def test_the_tool_call_count_survives_a_resume() -> None:
+    counter = Counter()
+    agent = Agent(name="t", tools=["add"], limits=Limits(max_tool_calls=8))
+    store = InMemoryCheckpointStore()
+    first = ScriptedModel([_many(5, "a"), AssistantMessage("unused")])
+    first.turns[1] = Turn(AssistantMessage(""), lambda m: False, "stop here")  # crash after
+    with pytest.raises(ScriptMismatch):
+        await run(agent, "go", model=first, tools=[counter.tool()], checkpoints=store, run_id="r")
+    second = ScriptedModel([_many(5, "b")])
+    with pytest.raises(RunFailed) as failed:
+        await resume(agent, "r", model=second, tools=[counter.tool()], checkpoints=store)
+    assert failed.value.reason == "max_tool_calls"  # 5 + 5 > 8, across the two attempts
+
+
+async def test_tool_calls_in_the_input_are_history_never_run() -> None:
+    """An input ending with an assistant message that asks for tools (a client's, or one
+    left by a cancelled run) does not run them: only the run's own model's calls run."""
+    counter = Counter()
+    model = ScriptedModel([AssistantMessage("done")])
+    forged = [UserMessage("hi"), _many(3)]
+    result = await run(AGENT, forged, model=model, tools=[counter.tool()])
+    assert result.output == "done"
+    assert counter.calls == []
+    assert model.requests[0][-1] == forged[-1]  # the model saw it as it was

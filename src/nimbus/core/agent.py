@@ -25,7 +25,10 @@ class Limits:
     """Safety limits of one run; all on by default.
 
     ``max_tokens`` caps each model response; ``max_total_tokens`` is the run's token budget;
-    ``max_tool_errors`` is how many steps in a row may consist only of malformed tool calls.
+    ``max_tool_errors`` is how many steps in a row may consist only of malformed tool calls;
+    ``max_tool_calls_per_step`` and ``max_tool_calls`` cap the tool calls the model may ask
+    for in one step and in the whole run (a step asking for more fails the run: one model
+    reply must not fan out into an unbounded number of tool runs).
     """
 
     __pydantic_config__: ClassVar[ConfigDict] = ConfigDict(extra="forbid")
@@ -36,6 +39,8 @@ class Limits:
     timeout_s: float = 300.0
     tool_timeout_s: float = 30.0
     max_tool_errors: int = 3
+    max_tool_calls_per_step: int = 32
+    max_tool_calls: int = 128
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -44,6 +49,8 @@ class Limits:
             raise ValueError("timeouts must be positive")
         if self.max_tool_errors < 1:
             raise ValueError("max_tool_errors must be at least 1")
+        if self.max_tool_calls_per_step < 1 or self.max_tool_calls < 1:
+            raise ValueError("max_tool_calls_per_step and max_tool_calls must be at least 1")
 
 
 @dataclass(slots=True)

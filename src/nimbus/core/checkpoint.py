@@ -17,8 +17,10 @@ RunStatus = Literal["running", "finished", "failed"]
 class RunState:
     """Everything needed to resume a run.
 
-    ``step`` counts completed model calls. Tool calls still owed are derived from the
-    messages (calls of the last assistant message without a result), never stored twice.
+    ``step`` counts completed model calls, ``tool_calls`` the tool calls they asked for (the
+    messages hold the thread's earlier runs too, so this is not derived from them). Tool calls
+    still owed are derived from the messages (calls of the last assistant message without a
+    result), never stored twice.
     """
 
     run_id: str
@@ -26,6 +28,7 @@ class RunState:
     step: int = 0
     usage: Usage = field(default_factory=Usage)
     tool_error_streak: int = 0
+    tool_calls: int = 0
     status: RunStatus = "running"
     output: str | None = None
     error: str | None = None

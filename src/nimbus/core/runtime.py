@@ -189,7 +189,10 @@ class AgentRun:
         state, limits = self.state, self.agent.limits
         while True:
             step_started = time.perf_counter()
-            if _pending_calls(state.messages):
+            # A run executes only the tool calls its own model asked for: calls owed before
+            # its first model call came with its input or its thread's history (a client's
+            # assistant message, a cancelled run), never a reason to run a tool.
+            if state.step and _pending_calls(state.messages):
                 await self._run_tools()
                 self.emit(
                     StepFinished(
@@ -210,6 +213,8 @@ class AgentRun:
                 )
             response = await self._call_model()
             message = response.message
+            if message.tool_calls:
+                await self._check_tool_calls(started, response)
             state.messages.append(message)
             state.step += 1
             state.usage.add(response.usage)
@@ -229,6 +234,27 @@ class AgentRun:
                 duration = time.perf_counter() - step_started
                 self.emit(StepFinished(state.run_id, state.step, state.usage, duration))
                 return
+
+    async def _check_tool_calls(self, started: float, response: ModelResponse) -> None:
+        """Fail the run when the model asks for more tool calls than its limits allow (the
+        reply is not kept: it would only grow the thread); else count them."""
+        state, limits = self.state, self.agent.limits
+        asked = len(response.message.tool_calls)
+        problem = None
+        if asked > limits.max_tool_calls_per_step:
+            problem = (
+                f"the model asked for {asked} tool calls in one step; the limit is "
+                f"{limits.max_tool_calls_per_step} (max_tool_calls_per_step)"
+            )
+        elif state.tool_calls + asked > limits.max_tool_calls:
+            problem = (
+                f"the model asked for {state.tool_calls + asked} tool calls in this run; the "
+                f"limit is {limits.max_tool_calls} (max_tool_calls)"
+            )
+        if problem is not None:
+            state.usage.add(response.usage)
+            await self._fail(started, "max_tool_calls", problem)
+        state.tool_calls += asked
 
     async def _call_model(self) -> ModelResponse:
         state = self.state

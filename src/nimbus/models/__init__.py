@@ -7,21 +7,50 @@
 
 from __future__ import annotations
 
+import re
+
 from nimbus.core.model import Model
 from nimbus.exceptions import ConfigError
 from nimbus.settings import Settings
 
 PROVIDERS = ("local", "openai", "test")
+TEST_MODELS = ("echo",)  #: the test models a model id can name (``test:echo``)
+MAX_MODEL_ID = 200
+# A model name: printable ASCII without spaces (gpt-4o-mini, llama3.2:latest, org/model,
+# ft:gpt-4o:org::id); what an endpoint calls its models, nothing a URL or header could smuggle.
+_MODEL_NAME = re.compile(r"[!-~]+")
 
 
-def resolve_model(model_id: str, settings: Settings, *, base_url: str | None = None) -> Model:
-    """Build the model that ``model_id`` names; unknown ids raise :class:`ConfigError`."""
+def check_model_id(model_id: str) -> tuple[str, str]:
+    """``(provider, name)`` of a well-formed model id, else :class:`ConfigError` saying what
+    is wrong: ``provider:name`` with a known provider and a non-empty name (a known one for
+    ``test:``). Checked before a model is built, so that a bad id is a 4xx when an assistant
+    or run names it, never a run that cannot start."""
+    if not isinstance(model_id, str) or len(model_id) > MAX_MODEL_ID:
+        raise ConfigError(f"a model id is a string of at most {MAX_MODEL_ID} characters")
     provider, sep, name = model_id.partition(":")
     if not sep or not name:
         raise ConfigError(
             f"model id {model_id!r} must look like 'provider:name' (providers: "
             f"{', '.join(PROVIDERS)}), e.g. 'local:smollm2' or 'openai:gpt-4o-mini'"
         )
+    if provider not in PROVIDERS:
+        raise ConfigError(
+            f"unknown model provider {provider!r} in {model_id!r}; providers: "
+            f"{', '.join(PROVIDERS)}"
+        )
+    # a local model may be a file path (spaces and all); other names are the endpoint's
+    if not (name.isprintable() if provider == "local" else _MODEL_NAME.fullmatch(name)):
+        raise ConfigError(f"model id {model_id!r}: the name may not contain spaces or controls")
+    if provider == "test" and name not in TEST_MODELS:
+        known = ", ".join(f"test:{n}" for n in TEST_MODELS)
+        raise ConfigError(f"unknown test model {model_id!r}; test models: {known}")
+    return provider, name
+
+
+def resolve_model(model_id: str, settings: Settings, *, base_url: str | None = None) -> Model:
+    """Build the model that ``model_id`` names; unknown ids raise :class:`ConfigError`."""
+    provider, name = check_model_id(model_id)
     if provider == "openai":
         from nimbus.models.openai import OpenAIModel
 
@@ -43,12 +72,6 @@ def resolve_model(model_id: str, settings: Settings, *, base_url: str | None = N
         return LocalModel.shared(
             name, threads=settings.local_threads, context_tokens=settings.local_context_tokens
         )
-    if provider == "test":
-        from nimbus.models.test import FunctionModel, echo
+    from nimbus.models.test import FunctionModel, echo
 
-        if name == "echo":
-            return FunctionModel(echo, model_id=model_id)
-        raise ConfigError(f"unknown test model {model_id!r}; test models: test:echo")
-    raise ConfigError(
-        f"unknown model provider {provider!r} in {model_id!r}; providers: {', '.join(PROVIDERS)}"
-    )
+    return FunctionModel(echo, model_id=model_id)  # test:echo, the one test model

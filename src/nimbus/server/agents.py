@@ -6,41 +6,61 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from nimbus.core.agent import DEFAULT_INSTRUCTIONS, Agent, Limits
 from nimbus.core.model import Model
 from nimbus.core.tool import Tool, ToolRegistry
-from nimbus.exceptions import ConfigError
-from nimbus.models import resolve_model
+from nimbus.exceptions import ConfigError, NotAllowed
+from nimbus.models import MAX_MODEL_ID, check_model_id, resolve_model
 from nimbus.settings import Settings
 
 GRAPHS = {"agent": "The Nimbus tool-calling agent: a model, tools and a step loop."}
-SETTINGS_KEYS = {
-    "model",
-    "instructions",
-    "system_prompt",
-    "tools",
-    "max_steps",
-    "temperature",
-    "max_tokens",
-    "timeout_s",
-}
+MAX_TOKENS = 131_072  #: the most output tokens an assistant may ask of one model response
 
-CONFIG_SCHEMA: dict[str, Any] = {
-    "title": "Configurable",
-    "type": "object",
-    "properties": {
-        "model": {
-            "type": "string",
-            "description": "Model id, e.g. local:smollm2 or openai:gpt-4o-mini",
-        },
-        "instructions": {"type": "string", "description": "System prompt"},
-        "tools": {"type": "array", "items": {"type": "string"}, "description": "Tool names"},
-        "max_steps": {"type": "integer", "minimum": 1, "maximum": 100},
-        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-        "max_tokens": {"type": "integer", "minimum": 1},
-        "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
-    },
-}
+
+class AgentSettings(BaseModel):
+    """An assistant's settings (``config.configurable`` and ``context``, merged with a run's
+    own), with the bounds every run is held to. Checked when an assistant or a run names
+    them (a 422 that names the field) and again when a run starts; the JSON schema that
+    ``/assistants/{id}/schemas`` serves is made from this class, so what is documented is
+    what is enforced. A value left out, or null, takes the default."""
+
+    model_config = ConfigDict(extra="ignore", title="Configurable")
+
+    model: str | None = Field(
+        default=None,
+        max_length=MAX_MODEL_ID,
+        description="Model id, e.g. local:smollm2 or openai:gpt-4o-mini",
+    )
+    instructions: str | None = Field(default=None, max_length=100_000, description="System prompt")
+    system_prompt: str | None = Field(
+        default=None, max_length=100_000, description="System prompt (as instructions)"
+    )
+    tools: list[str] | None = Field(default=None, max_length=64, description="Tool names")
+    allow_run_tools: bool | None = Field(
+        default=None,
+        description="Whether a run may name tools the assistant does not list (by default a "
+        "run's `tools` may only narrow the assistant's)",
+    )
+    max_steps: int | None = Field(default=None, ge=1, le=100, description="Model calls per run")
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int | None = Field(
+        default=None, ge=1, le=MAX_TOKENS, description="Output tokens per model response"
+    )
+    timeout_s: float | None = Field(
+        default=None, gt=0, le=3600, description="Wall-clock limit of a run, in seconds"
+    )
+    max_tool_calls_per_step: int | None = Field(
+        default=None, ge=1, le=256, description="Tool calls the model may ask for in one step"
+    )
+    max_tool_calls: int | None = Field(
+        default=None, ge=1, le=1000, description="Tool calls the model may ask for in a run"
+    )
+
+
+SETTINGS_KEYS = frozenset(AgentSettings.model_fields)
+CONFIG_SCHEMA: dict[str, Any] = AgentSettings.model_json_schema()
 STATE_SCHEMA: dict[str, Any] = {
     "title": "State",
     "type": "object",
@@ -60,22 +80,39 @@ def agent_settings(*layers: dict[str, Any] | None) -> dict[str, Any]:
     return merged
 
 
+def checked_settings(values: dict[str, Any]) -> AgentSettings:
+    """``values`` (merged settings) validated against their bounds; ConfigError names what
+    is wrong."""
+    try:
+        return AgentSettings.model_validate(values)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False):
+            where = ".".join(str(p) for p in err["loc"]) or "settings"
+            problems.append(f"{where}: {err['msg']}")
+        raise ConfigError("invalid assistant settings: " + "; ".join(problems)) from None
+
+
 def build_agent(name: str, values: dict[str, Any], settings: Settings) -> Agent:
     """An Agent from merged settings; bad values raise ConfigError with the field named."""
+    checked = checked_settings(values)
     limits = Limits()
     data: dict[str, Any] = {
         "name": name or "assistant",
-        "instructions": values.get("instructions")
-        or values.get("system_prompt")
-        or DEFAULT_INSTRUCTIONS,
-        "model": values.get("model") or settings.default_model,
-        "tools": values.get("tools") or [],
+        "instructions": checked.instructions or checked.system_prompt or DEFAULT_INSTRUCTIONS,
+        "model": checked.model or settings.default_model,
+        "tools": checked.tools or [],
         "limits": {
-            "max_steps": values.get("max_steps", limits.max_steps),
-            "max_tokens": values.get("max_tokens", limits.max_tokens),
-            "timeout_s": values.get("timeout_s", limits.timeout_s),
+            field: value if value is not None else getattr(limits, field)
+            for field, value in (
+                ("max_steps", checked.max_steps),
+                ("max_tokens", checked.max_tokens),
+                ("timeout_s", checked.timeout_s),
+                ("max_tool_calls_per_step", checked.max_tool_calls_per_step),
+                ("max_tool_calls", checked.max_tool_calls),
+            )
         },
-        "temperature": values.get("temperature"),
+        "temperature": checked.temperature,
     }
     return Agent.from_dict(data)
 
@@ -89,22 +126,35 @@ class AgentFactory:
         self._models: dict[str, Model] = {}
 
     def validate(
-        self, graph_id: str, config: dict[str, Any] | None, context: dict[str, Any] | None
+        self,
+        graph_id: str,
+        config: dict[str, Any] | None,
+        context: dict[str, Any] | None,
+        *,
+        assistant: tuple[dict[str, Any] | None, dict[str, Any] | None] | None = None,
     ) -> None:
-        """Check an assistant's settings now, so a bad one is a 4xx and not a failed run."""
+        """Check settings now, so a bad one is a 4xx and not a failed run: those of an
+        assistant, or (``assistant``: its own config and context) of a run on it, which may
+        narrow the assistant's tools but not widen them unless the assistant allows it."""
         if graph_id not in GRAPHS:
             raise ConfigError(f"unknown graph_id {graph_id!r}; available: {', '.join(GRAPHS)}")
-        agent = build_agent("check", agent_settings(config, context), self.settings)
+        base = agent_settings(*assistant) if assistant is not None else {}
+        values = {**base, **agent_settings(config, context)}
+        agent = build_agent("check", values, self.settings)
         self.tools.resolve(agent.tools)
-        provider = agent.model.partition(":")[0]
-        if provider not in ("local", "openai", "test") or ":" not in agent.model:
-            raise ConfigError(
-                f"unknown model {agent.model!r}; use e.g. local:smollm2 or openai:<model>"
-            )
-        if provider == "local" and agent.model != "local:smollm2":
+        provider, name = check_model_id(agent.model)
+        if provider == "local" and name != "smollm2":
             raise ConfigError(
                 "only local:smollm2 may be named by a tenant; ask the operator for others"
             )
+        if assistant is not None and not base.get("allow_run_tools"):
+            added = set(values.get("tools") or ()) - set(base.get("tools") or ())
+            if added:
+                raise NotAllowed(
+                    f"the assistant does not list the tools {sorted(added)}: a run's tools may "
+                    "only narrow the assistant's, unless the assistant sets "
+                    "`allow_run_tools: true`"
+                )
 
     def model(self, model_id: str) -> Model:
         """The shared model instance for ``model_id``."""

@@ -26,6 +26,7 @@ from nimbus.server.deps import Services
 from nimbus.server.feed import FeedFollower
 from nimbus.server.metrics import METRICS
 from nimbus.server.routes import assistants, openai, runs, store, system, threads
+from nimbus.server.streams import TenantStreams
 from nimbus.server.worker import WorkerPool
 from nimbus.settings import Settings
 from nimbus.store.database import Database
@@ -170,7 +171,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        db = await Database.open(settings.database_url, pool_size=settings.database_pool_size)
+        db = await Database.open(
+            settings.database_url,
+            pool_size=settings.database_pool_size,
+            tenant_max_queued=settings.tenant_max_queued,
+        )
         if db.fast is None and not (api and workers):
             await db.close()
             raise ConfigError(
@@ -200,7 +205,16 @@ def create_app(
         if bus is not None and api:
             follower = FeedFollower(bus, db, settings.poll_s)
             await follower.start()
-        app.state.services = Services(settings, db, broker, agents, pool, bus, follower)
+        app.state.services = Services(
+            settings,
+            db,
+            broker,
+            agents,
+            pool,
+            bus,
+            follower,
+            TenantStreams(settings.tenant_max_streams),
+        )
         if workers:
             await pool.start()
         _tune_gc()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -12,6 +12,7 @@ from nimbus.server.broker import RunBroker
 from nimbus.server.bus import Bus
 from nimbus.server.errors import APIError
 from nimbus.server.feed import FeedFollower
+from nimbus.server.streams import TenantStreams
 from nimbus.server.worker import WorkerPool
 from nimbus.settings import Settings
 from nimbus.store.database import Database
@@ -29,6 +30,7 @@ class Services:
     pool: WorkerPool
     bus: Bus | None = None  #: PostgreSQL: signals between processes
     follower: FeedFollower | None = None  #: PostgreSQL: runs executing in other processes
+    streams: TenantStreams = field(default_factory=lambda: TenantStreams(100))
 
 
 async def services(request: Request) -> Services:

@@ -13,8 +13,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nimbus.exceptions import ConfigError, UserError
-from nimbus.store.common import IdempotencyConflict, ThreadBusy
+from nimbus.exceptions import ConfigError, NotAllowed, UserError
+from nimbus.store.common import IdempotencyConflict, QueueFull, ThreadBusy
 from nimbus.store.db import unavailable
 
 log = structlog.get_logger("nimbus.server")
@@ -92,9 +92,25 @@ def install(app: FastAPI) -> None:
             409,
         )
 
+    @app.exception_handler(QueueFull)
+    async def queue_full(_: Request, exc: QueueFull) -> JSONResponse:
+        return JSONResponse(
+            _body(
+                429,
+                "this tenant has as many runs waiting to start as it may "
+                "(NIMBUS_TENANT_MAX_QUEUED); retry later",
+            ),
+            429,
+            headers={"Retry-After": "1"},
+        )
+
     @app.exception_handler(ConfigError)
     async def config_error(_: Request, exc: ConfigError) -> JSONResponse:
         return JSONResponse(_body(422, str(exc)), 422)
+
+    @app.exception_handler(NotAllowed)
+    async def not_allowed(_: Request, exc: NotAllowed) -> JSONResponse:
+        return JSONResponse(_body(403, str(exc)), 403)
 
     @app.exception_handler(UserError)
     async def user_error(_: Request, exc: UserError) -> JSONResponse:

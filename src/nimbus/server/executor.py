@@ -10,7 +10,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import structlog
 
+from nimbus.core.agent import Agent
 from nimbus.core.checkpoint import RunState, state_from_json, state_to_json
 from nimbus.core.events import (
     Event,
@@ -22,8 +24,10 @@ from nimbus.core.events import (
     ToolCallFinished,
 )
 from nimbus.core.messages import AssistantMessage, Message, SystemMessage
+from nimbus.core.model import Model
 from nimbus.core.runtime import AgentRun
-from nimbus.exceptions import LeaseLost, NimbusError, RunFailed
+from nimbus.core.tool import Tool
+from nimbus.exceptions import ConfigError, LeaseLost, NimbusError, RunFailed
 from nimbus.server.agents import AgentFactory, agent_settings, build_agent
 from nimbus.server.broker import RunBroker
 from nimbus.server.langgraph import input_messages, thread_messages, to_lg
@@ -31,8 +35,9 @@ from nimbus.server.metrics import METRICS
 from nimbus.store.database import Database
 from nimbus.store.writer import StepWrite
 
+log = structlog.get_logger("nimbus.executor")
 TOKEN_MODES = {"messages", "messages-tuple", "events"}
-THREAD_STATUS_AFTER = {"error": "error", "interrupted": "interrupted"}  # else idle
+THREAD_STATUS_AFTER = {"success": "idle", "error": "error", "interrupted": "interrupted"}
 
 
 def stream_modes(kwargs: dict[str, Any]) -> set[str]:
@@ -141,17 +146,32 @@ def _calls_unsafe(messages: list[Message], unsafe: frozenset[str]) -> bool:
     return isinstance(last, AssistantMessage) and any(c.name in unsafe for c in last.tool_calls)
 
 
-def _state_json(state: RunState) -> orjson.Fragment:
-    """The state as a JSON column value, serialised once (by pydantic, not re-encoded)."""
-    return orjson.Fragment(state_to_json(state))
-
-
 def _state_from(data: Any) -> RunState:
     return state_from_json(orjson.dumps(data))
 
 
+def _failure(exc: Exception) -> tuple[str, str]:
+    """What a run that raised ``exc`` ends with: ``(error message, reason)``. The message is
+    for the tenant: a Nimbus error says what went wrong; anything else is logged here, and
+    the tenant reads that it was an internal error."""
+    if isinstance(exc, RunFailed):
+        return str(exc), exc.reason
+    if isinstance(exc, ConfigError):
+        return str(exc), "invalid_settings"
+    if isinstance(exc, NimbusError):
+        return str(exc), "error"
+    log.exception("run.crashed", error_type=type(exc).__name__)
+    return "internal error while running (see the server logs)", "internal_error"
+
+
 class RunExecution:
-    """One attempt at one run."""
+    """One attempt at one run.
+
+    Every run ends, whatever raises: :meth:`execute` writes the run's end (``error``, with a
+    reason, when anything fails, from building the agent to writing a step) unless the run
+    was cancelled or its lease lost (then it is resumed or ended elsewhere). Nothing that can
+    fail happens in the constructor.
+    """
 
     def __init__(
         self,
@@ -168,13 +188,11 @@ class RunExecution:
         self.run_id: str = run["run_id"]
         self.tenant_id: str = run["tenant_id"]
         self.thread_id: str = run["thread_id"]
-        kwargs = run["kwargs"]
-        self.modes = stream_modes(kwargs)
-        settings = agent_settings(
-            assistant["config"], assistant["context"], kwargs.get("config"), kwargs.get("context")
-        )
-        self.agent = build_agent(assistant["name"], settings, agents.settings)
+        self.assistant = assistant
         self.thread = thread
+        kwargs = run["kwargs"] if isinstance(run.get("kwargs"), dict) else {}
+        self.kwargs: dict[str, Any] = kwargs
+        self.modes = stream_modes(kwargs)
         self.parent: str | None = thread.get("checkpoint_id")  # the thread's newest checkpoint
         self.unsaved_final = False
         self.saved_any = False  # a step of this attempt was written
@@ -182,20 +200,43 @@ class RunExecution:
         self.others_waiting = False  # at the end: the thread has other runs waiting
         self.outcome: tuple[str, str | None, dict[str, Any]] | None = None
         self.durability: str = kwargs.get("durability") or "sync"  # runs queued before it
+        self.max_state_bytes = agents.settings.max_thread_bytes
         self.checkpoints = RunCheckpoints(self)
         self.emit = _Emitter(self.run_id, broker, last_seq)
-        self.history = thread_messages(thread.get("values"))
+        self.agent: Agent | None = None  # built by _prepare()
+        self.state = RunState(self.run_id, [])  # the run's state, once _prepare() built it
+        self.history: list[tuple[str, Message]] = []
         self._shaped: list[dict[str, Any]] = []  # messages in LangGraph shape (values)
         self._shaped_upto = 0  # how many of the state's messages they stand for
-        self.base = len(self.history)
-        self.system = 1 if self.agent.instructions else 0
-        self.step_started = time.perf_counter()
+        self.base = 0
+        self.system = 0
         self.meta = {
             "run_id": self.run_id,
             "thread_id": self.thread_id,
             "assistant_id": run["assistant_id"],
-            "graph_id": assistant["graph_id"],
+            "graph_id": assistant.get("graph_id"),
         }
+
+    def _prepare(self) -> tuple[Model, list[Tool]]:
+        """The agent, its state (as saved by an earlier attempt, or new), model and tools."""
+        settings = agent_settings(
+            self.assistant.get("config"),
+            self.assistant.get("context"),
+            self.kwargs.get("config"),
+            self.kwargs.get("context"),
+        )
+        agent = build_agent(self.assistant.get("name") or "", settings, self.agents.settings)
+        self.agent = agent
+        self.history = thread_messages(self.thread.get("values"))
+        self.base = len(self.history)
+        self.system = 1 if agent.instructions else 0
+        saved = self.run.get("state")
+        model = self.agents.model(agent.model)
+        tools = self.agents.tools_for(agent)
+        self.checkpoints.unsafe = frozenset(t.name for t in tools if not t.idempotent)
+        # a fresh run is saved at its first step: until then it is rebuilt
+        self.state = _state_from(saved) if saved else self.initial_state()
+        return model, tools
 
     # ids: messages of the thread keep theirs; the run's are derived from position, so a
     # resumed run names its messages exactly as the first attempt did.
@@ -221,53 +262,47 @@ class RunExecution:
         return {"messages": list(shaped)}
 
     def initial_state(self) -> RunState:
+        assert self.agent is not None, "prepared"
         messages: list[Message] = [SystemMessage(self.agent.instructions)] if self.system else []
         messages += [m for _, m in self.history]
-        messages += input_messages(self.run["kwargs"].get("input"))
+        messages += input_messages(self.kwargs.get("input"))
         return RunState(self.run_id, messages)
 
     async def execute(self) -> str:
-        """Run to the end; returns the final status (success / error / interrupted)."""
-        saved = self.run.get("state")
-        state = _state_from(saved) if saved else self.initial_state()
-        model = self.agents.model(self.agent.model)
-        tools = self.agents.tools_for(self.agent)
-        checkpoints = self.checkpoints
-        checkpoints.unsafe = frozenset(t.name for t in tools if not t.idempotent)
-        self.state = state  # a fresh run is saved at its first step: until then it is rebuilt
-        loop = AgentRun(
-            self.agent,
-            model,
-            tools,
-            state,
-            checkpoints=checkpoints,
-            on_event=self.on_event,
-            stream_tokens=bool(self.modes & TOKEN_MODES),
-        )
+        """Run to the end and write it; returns the final status (success / error /
+        interrupted). Raises only when the run is not this attempt's to end: its lease was
+        lost, or it was cancelled (a newer run, a client, the server stopping)."""
         started = time.perf_counter()
         try:
-            result = await loop.execute()
+            model, tools = self._prepare()
+            assert self.agent is not None
+            loop = AgentRun(
+                self.agent,
+                model,
+                tools,
+                self.state,
+                checkpoints=self.checkpoints,
+                on_event=self.on_event,
+                stream_tokens=bool(self.modes & TOKEN_MODES),
+            )
+            await loop.execute()
+            await self.finish("success", None, None)
         except LeaseLost:
             raise  # another worker has the run now: nothing more is written from here
         except asyncio.CancelledError:
-            if not saved and not self.saved_any:
+            if self.agent is not None and not self.run.get("state") and not self.saved_any:
                 # Cancelled before its first step was saved (a newer run interrupted it, a
                 # client cancelled it, the server is stopping): keep its input in the thread,
                 # as a checkpoint of its state so far, for the thread and for a resumed run.
                 await self.db.steps.write(self.step_write(self.state))
             raise
-        except RunFailed as exc:
-            await self.finish("error", str(exc), exc.reason)
-            METRICS.of(METRICS.runs, "error").inc()
-            return "error"
-        except NimbusError as exc:
-            await self.finish("error", str(exc), "error")
+        except Exception as exc:
+            error, reason = _failure(exc)
+            await self.finish("error", error, reason)
             METRICS.of(METRICS.runs, "error").inc()
             return "error"
         finally:
             METRICS.run_seconds.observe(time.perf_counter() - started)
-        del result
-        await self.finish("success", None, None)
         METRICS.of(METRICS.runs, "success").inc()
         return "success"
 
@@ -276,18 +311,28 @@ class RunExecution:
     ) -> StepWrite:
         """The write of ``state`` (with a checkpoint unless it is the run's end and that was
         saved already), and of the events emitted since the last one."""
+        data = state_to_json(state)
+        checkpoint = end is None or self.unsaved_final
+        if checkpoint and len(data) > self.max_state_bytes:
+            raise RunFailed(
+                f"the thread would grow past {self.max_state_bytes} bytes "
+                "(NIMBUS_MAX_THREAD_BYTES); start a new thread",
+                reason="thread_too_large",
+                run_id=self.run_id,
+                step=state.step,
+            )
         write = StepWrite(
             self.tenant_id,
             self.run_id,
             self.thread_id,
-            _state_json(state),
+            orjson.Fragment(data),  # the JSON column's value, serialised once
             step=state.step,
             next_nodes=[] if state.status != "running" else ["agent"],
             events=self.emit.take(),
             end=end,
             lease_token=self.lease_token,
         )
-        if end is None or self.unsaved_final:
+        if checkpoint:
             write.values, write.parent_id = self.values(state), self.parent
             self.parent = write.checkpoint_id
         return write
@@ -295,19 +340,32 @@ class RunExecution:
     async def finish(self, status: str, error: str | None, reason: str | None) -> None:
         """Write the run's end in one go: its status and state, the last checkpoint (when the
         last step was not saved yet), the thread's status and the last events."""
-        await self.checkpoints.flush()  # the steps before the end are all written
+        try:
+            await self.checkpoints.flush()  # the steps before the end are all written
+        except Exception:
+            if status == "success":
+                raise  # not a success after all: execute() ends it as an error
+            # the run failed anyway (perhaps of this very write): its end is still written
+        try:
+            write = self.step_write(self.state, (status, error, THREAD_STATUS_AFTER[status]))
+        except RunFailed as exc:  # its last state, unsaved till now, is too large to keep
+            self.unsaved_final = False
+            status, error, reason = "error", str(exc), exc.reason
+            write = self.step_write(self.state, (status, error, THREAD_STATUS_AFTER[status]))
         if error is not None:
             self.emit("error", {"error": reason or "RunError", "message": error})
-        write = self.step_write(
-            self.state, (status, error, THREAD_STATUS_AFTER.get(status, "idle"))
-        )
+            write.events = [*write.events, *self.emit.take()]
         final = await self.db.steps.write(write) or status
         self.others_waiting = write.others_waiting
-        self.outcome = (final, error, write.values or self.values(self.state))
+        values = write.values
+        if values is None:  # the thread's values as the run leaves them
+            values = self.values(self.state) if self.agent else self.thread.get("values") or {}
+        self.outcome = (final, error, values)
 
     # --- core events → LangGraph stream parts -------------------------------------------
     def on_event(self, event: Event) -> None:
         modes, emit, state = self.modes, self.emit, self.state
+        model_id = self.agent.model if self.agent is not None else ""
         if isinstance(event, RunStarted):
             emit("metadata", {"run_id": self.run_id, "attempt": self.run.get("attempts", 1)})
             if "values" in modes:
@@ -330,7 +388,7 @@ class RunExecution:
                     "events",
                     {
                         "event": "on_chat_model_stream",
-                        "name": self.agent.model,
+                        "name": model_id,
                         "run_id": self.run_id,
                         "data": {"chunk": chunk},
                         "metadata": meta,
@@ -339,9 +397,9 @@ class RunExecution:
                     },
                 )
         elif isinstance(event, ModelResponded):
-            METRICS.of(METRICS.model_seconds, self.agent.model).observe(event.duration_s)
-            METRICS.of(METRICS.tokens, self.agent.model, "input").inc(event.usage.input_tokens)
-            METRICS.of(METRICS.tokens, self.agent.model, "output").inc(event.usage.output_tokens)
+            METRICS.of(METRICS.model_seconds, model_id).observe(event.duration_s)
+            METRICS.of(METRICS.tokens, model_id, "input").inc(event.usage.input_tokens)
+            METRICS.of(METRICS.tokens, model_id, "output").inc(event.usage.output_tokens)
             usage = {
                 "input_tokens": event.usage.input_tokens,
                 "output_tokens": event.usage.output_tokens,

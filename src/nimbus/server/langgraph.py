@@ -175,6 +175,24 @@ def input_messages(run_input: Any) -> list[Message]:
     return [from_lg(m) for m in messages]
 
 
+def check_input(messages: list[Message]) -> None:
+    """Refuse (UserError) an input whose assistant messages ask for tool calls that the input
+    does not answer: a run executes only the tool calls its own model asks for, and input is
+    history. (Run as given, one such message with 1,600 calls ran 1,600 tools.)"""
+    answered = {m.tool_call_id for m in messages if isinstance(m, ToolResultMessage)}
+    for n, message in enumerate(messages):
+        if isinstance(message, AssistantMessage) and message.tool_calls:
+            owed = [c for c in message.tool_calls if c.id not in answered]
+            if owed:
+                names = ", ".join(sorted({c.name for c in owed}))[:200]
+                raise UserError(
+                    f"input.messages[{n}] asks for {len(owed)} tool call(s) ({names}) that "
+                    "have no tool result in the input: a run executes only the tool calls its "
+                    "own model makes; send each call's result (a tool message with its "
+                    "tool_call_id) after it, or leave the calls out"
+                )
+
+
 def thread_messages(values: dict[str, Any] | None) -> list[tuple[str, Message]]:
     """(id, message) pairs of a thread's stored values."""
     out = []

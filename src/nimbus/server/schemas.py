@@ -7,9 +7,9 @@ must also be storable as it is on SQLite and PostgreSQL alike (:func:`storable`)
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 JSONObject = dict[str, Any]
 Limit = Field(default=10, ge=1, le=1000)
@@ -52,6 +52,26 @@ def _text(where: str, text: str) -> None:
         raise ValueError(f"{where}: text is not valid Unicode (lone surrogate)") from None
 
 
+_NOT_IN_A_PATH = frozenset("/\\?#%")
+
+
+def path_id(value: str) -> str:
+    """An id a client chooses for a thread or an assistant must be addressable afterwards as
+    one segment of a URL path: no ``/ \\ ? # %``, spaces or control characters, and not ``.``
+    or ``..`` (which clients and proxies resolve away). Raises ValueError otherwise."""
+    if value in (".", "..") or any(
+        c in _NOT_IN_A_PATH or c.isspace() or not c.isprintable() for c in value
+    ):
+        raise ValueError(
+            "an id may not be '.' or '..' nor contain '/', '\\', '?', '#', '%', spaces or "
+            "control characters (it must fit in a URL path)"
+        )
+    return value
+
+
+PathId = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(path_id)]
+
+
 class Body(BaseModel):
     """Base of request bodies."""
 
@@ -65,7 +85,7 @@ class Body(BaseModel):
 
 
 class AssistantCreate(Body):
-    assistant_id: str | None = Field(default=None, min_length=1, max_length=64)
+    assistant_id: PathId | None = None
     graph_id: str = Field(min_length=1, max_length=200)
     config: JSONObject = Field(default_factory=dict)
     context: JSONObject = Field(default_factory=dict)
@@ -112,7 +132,7 @@ class SetLatest(Body):
 
 
 class ThreadCreate(Body):
-    thread_id: str | None = Field(default=None, min_length=1, max_length=64)
+    thread_id: PathId | None = None
     metadata: JSONObject = Field(default_factory=dict)
     if_exists: Literal["raise", "do_nothing"] = "raise"
 

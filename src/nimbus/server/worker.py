@@ -193,12 +193,6 @@ class WorkerPool:
         queue.append(run_id)
         self._dispatch()
 
-    async def queued(self, tenant_id: str) -> int:
-        """How many runs of the tenant wait for a slot (PostgreSQL: in the shared queue)."""
-        if self.db.fast is not None:
-            return await self.db.fast.pending(tenant_id)
-        return len(self._queues.get(tenant_id, ()))
-
     # --- PostgreSQL: the shared queue -----------------------------------------------------
     def _submit_shared(self, run: dict[str, Any], assistant: dict[str, Any] | None) -> None:
         run_id, tenant = run["run_id"], run["tenant_id"]
@@ -546,9 +540,17 @@ class WorkerPool:
         run_id = run["run_id"]
         execution = self._executions.get(run_id)
         if execution is not None:  # with its state and events so far
-            await execution.finish(status, error, "error" if error else None)
-            self._wake_waiting(execution)
-            return True
+            try:
+                await execution.finish(status, error, "error" if error else None)
+                self._wake_waiting(execution)
+                return True
+            except (LeaseLost, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                if unavailable(exc):
+                    raise
+                # Its state or events cannot be written: the end alone is (every run ends).
+                log.exception("run.end_without_state", run_id=run_id)
         if self.shared and run_id not in self._held:
             return False  # not claimed by us: not ours to end
         write = StepWrite(

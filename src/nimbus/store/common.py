@@ -21,6 +21,11 @@ class ThreadBusy(Exception):
     """A run was refused because the thread already has an active run."""
 
 
+class QueueFull(Exception):
+    """A run was refused: its tenant has as many runs waiting as it may (see
+    :mod:`nimbus.store.quota`)."""
+
+
 class IdempotencyConflict(Exception):
     """An Idempotency-Key was used before with another request."""
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from nimbus.store import quota
 from nimbus.store.assistants import AssistantStore
 from nimbus.store.db import create_engine, in_memory, migrate
 from nimbus.store.items import ItemStore
@@ -36,11 +39,21 @@ class Database:
         self.checkpointer: WalCheckpointer | None = None  # SQLite in a file
 
     @classmethod
-    async def open(cls, url: str, *, run_migrations: bool = True, pool_size: int = 20) -> Database:
+    async def open(
+        cls,
+        url: str,
+        *,
+        run_migrations: bool = True,
+        pool_size: int = 20,
+        tenant_max_queued: int | None = None,
+    ) -> Database:
         """Connect to ``url`` and bring its schema up to date. PostgreSQL also gets the
         asyncpg pool of the per-run statements (:mod:`nimbus.store.pg`); SQLite runs them on
-        its raw connection (:mod:`nimbus.store.sqlite_fast`)."""
-        engine = create_engine(url, pool_size=pool_size)
+        its raw connection (:mod:`nimbus.store.sqlite_fast`). ``tenant_max_queued``: the most
+        runs a tenant may have waiting, enforced by the database (:mod:`nimbus.store.quota`)."""
+        cap = tenant_max_queued
+        session = {quota.SETTING: str(cap)} if cap is not None else None
+        engine = create_engine(url, pool_size=pool_size, session=session)
         checkpointer = None
         path = engine.url.database
         if engine.dialect.name == "sqlite" and path and not in_memory(url):
@@ -48,11 +61,16 @@ class Database:
             # only as a backstop: on every connection the engine opens, from the first one
             checkpointer = WalCheckpointer(path)
             event.listen(engine.sync_engine, "connect", checkpointer.configure)
+        if cap is not None and engine.dialect.name == "sqlite":
+            event.listen(engine.sync_engine, "connect", functools.partial(_cap, cap))
         if run_migrations:
             await migrate(engine)
         fast = None
         if engine.dialect.name == "postgresql":
-            fast = await PgHotPath.open(url, pool_size)
+            fast = await PgHotPath.open(url, pool_size, session)
+        elif cap is not None:  # the connection made before the migrations made the table
+            async with engine.begin() as conn:
+                await conn.exec_driver_sql(quota.sqlite_trigger(cap))
         database = cls(engine, fast)
         if checkpointer is not None:
             database.checkpointer = checkpointer
@@ -67,3 +85,12 @@ class Database:
         if self.fast is not None:
             await self.fast.close()
         await self.engine.dispose()
+
+
+def _cap(cap: int, dbapi_connection: Any, _record: Any) -> None:
+    """Each SQLite connection the engine opens gets the queue cap (a TEMP trigger)."""
+    cursor = dbapi_connection.cursor()
+    try:
+        quota.install_sqlite(cursor, cap)
+    finally:
+        cursor.close()

@@ -114,7 +114,9 @@ def load_json(text: str | bytes) -> Any:
     return orjson.loads(text)
 
 
-def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
+def create_engine(
+    url: str, *, pool_size: int = 20, session: dict[str, str] | None = None
+) -> AsyncEngine:
     """An async engine for ``url``, JSON columns (de)serialised by orjson.
 
     SQLite (WAL mode, run on the event loop's thread) gets a single connection: SQLite runs
@@ -122,7 +124,8 @@ def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
     "database is locked" under load, as several connections upgrading their transactions to
     writers at once would. PostgreSQL
     gets a pool; a connection the server dropped is detected on use and replaced (no ping
-    before every checkout, which would cost a round trip per query).
+    before every checkout, which would cost a round trip per query). ``session``: PostgreSQL
+    settings of every connection (the rules of :mod:`nimbus.store.quota` read them).
     """
     target = async_url(url)
     json = {"json_serializer": dump_json, "json_deserializer": load_json}
@@ -146,7 +149,8 @@ def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_recycle=1800,
-        connect_args={"server_settings": {"jit": "off"}},  # short statements: never worth it
+        # JIT off: short statements, never worth compiling
+        connect_args={"server_settings": {"jit": "off", **(session or {})}},
         **json,
     )
 

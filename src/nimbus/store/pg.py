@@ -250,8 +250,9 @@ class PgHotPath:
         self.pool = pool
 
     @classmethod
-    async def open(cls, url: str, size: int) -> PgHotPath:
-        """A pool of up to ``size`` connections to ``url``."""
+    async def open(cls, url: str, size: int, session: dict[str, str] | None = None) -> PgHotPath:
+        """A pool of up to ``size`` connections to ``url``, each with the ``session``
+        settings."""
         pool = await asyncpg.create_pool(
             dsn(url),
             min_size=0,  # no background reconnecting (and logging) while the server is down
@@ -263,7 +264,11 @@ class PgHotPath:
             # them once per connection, not at every execution.
             # No JIT compilation: these statements run in milliseconds, and compiling one
             # (when a queue or a batch makes its estimated cost large) took 150 ms of CPU.
-            server_settings={"plan_cache_mode": "force_generic_plan", "jit": "off"},
+            server_settings={
+                "plan_cache_mode": "force_generic_plan",
+                "jit": "off",
+                **(session or {}),
+            },
         )
         return cls(pool)
 

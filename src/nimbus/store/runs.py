@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, func, or_, select, update
@@ -12,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from nimbus.store.common import (
     IdempotencyConflict,
     JsonMatch,
+    QueueFull,
     ThreadBusy,
     new_id,
     now,
@@ -20,6 +23,7 @@ from nimbus.store.common import (
 )
 from nimbus.store.db import autocommit
 from nimbus.store.pg import PgHotPath
+from nimbus.store.quota import queue_full
 from nimbus.store.schema import idempotency_keys, run_attempts, run_events, runs, threads
 from nimbus.store.sqlite_fast import SqliteHotPath
 from nimbus.store.threads import create_thread
@@ -131,6 +135,17 @@ def _claim_key(
     return None
 
 
+@contextlib.contextmanager
+def _refused_when_full(tenant_id: str) -> Iterator[None]:
+    """The database refusing a run of a tenant whose queue is full, as :class:`QueueFull`."""
+    try:
+        yield
+    except Exception as exc:
+        if queue_full(exc):
+            raise QueueFull(tenant_id) from None
+        raise
+
+
 class RunStore:
     """Queries on runs and run events; every method is scoped by ``tenant_id``."""
 
@@ -170,7 +185,37 @@ class RunStore:
         an existing thread that can start at once is claimed by that worker as it is queued,
         in the same transaction; it comes back ``running`` (on PostgreSQL with its lease),
         with its thread as ``claimed_thread``. Otherwise it comes back ``pending``.
+
+        Raises :class:`QueueFull` when the tenant has as many runs waiting as it may (a rule
+        of the database: :mod:`nimbus.store.quota`).
         """
+        with _refused_when_full(tenant_id):
+            return await self._create(
+                tenant_id,
+                thread_id,
+                assistant_id,
+                kwargs,
+                metadata,
+                multitask_strategy,
+                if_not_exists,
+                temporary,
+                idempotency,
+                claim_as,
+            )
+
+    async def _create(
+        self,
+        tenant_id: str,
+        thread_id: str | None,
+        assistant_id: str,
+        kwargs: dict[str, Any],
+        metadata: dict[str, Any],
+        multitask_strategy: str,
+        if_not_exists: str,
+        temporary: bool,
+        idempotency: tuple[str, str] | None,
+        claim_as: str | None,
+    ) -> dict[str, Any] | None:
         if self.fast is not None and thread_id is None and idempotency is None:
             return await self.fast.queue_stateless_run(
                 tenant_id,
@@ -221,16 +266,17 @@ class RunStore:
         graph's system assistant)."""
         hot = self.fast or self.lite
         assert hot is not None, "a database is PostgreSQL or SQLite"
-        run = await hot.queue_run(
-            tenant_id,
-            thread_id,
-            assistant_id,
-            kwargs,
-            metadata,
-            multitask_strategy,
-            claim_as,
-            with_assistant=True,
-        )
+        with _refused_when_full(tenant_id):
+            run = await hot.queue_run(
+                tenant_id,
+                thread_id,
+                assistant_id,
+                kwargs,
+                metadata,
+                multitask_strategy,
+                claim_as,
+                with_assistant=True,
+            )
         return None if run is None else (run, run.pop("assistant"))
 
     async def get(

@@ -320,7 +320,9 @@ class ThreadStore:
             if before:
                 stamp = await conn.scalar(
                     select(checkpoints.c.created_at).where(
-                        checkpoints.c.checkpoint_id == before, checkpoints.c.thread_id == thread_id
+                        checkpoints.c.tenant_id == tenant_id,
+                        checkpoints.c.thread_id == thread_id,
+                        checkpoints.c.checkpoint_id == before,
                     )
                 )
                 if stamp is not None:

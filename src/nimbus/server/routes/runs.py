@@ -9,19 +9,19 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import anyio
-import orjson
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from starlette.types import Send
+from starlette.types import Receive, Scope, Send
 
 from nimbus.server.agents import GRAPHS
 from nimbus.server.broker import StreamEvent
 from nimbus.server.deps import Caller, Services, Svc
 from nimbus.server.errors import APIError, not_found
 from nimbus.server.executor import stream_modes
-from nimbus.server.langgraph import input_messages
+from nimbus.server.langgraph import check_input, input_messages
 from nimbus.server.routes.threads import get_thread
-from nimbus.server.schemas import RunCreate
+from nimbus.server.schemas import RunCreate, path_id
+from nimbus.server.streams import TenantStreams
 from nimbus.store.keys import Principal
 from nimbus.store.runs import ACTIVE
 
@@ -92,18 +92,16 @@ async def create_run(
     """Validate and queue a run; the worker pool picks it up. With an ``idempotency_key``
     used before for the same request, the run made then (``replayed``), queued once.
     ``assistant``: the run's assistant, when the caller has read it already."""
+    if thread_id is not None and body.if_not_exists == "create":
+        try:  # a thread made here must be addressable afterwards
+            path_id(thread_id)
+        except ValueError as exc:
+            raise APIError(422, f"thread_id: {exc}") from None
     if thread_id is not None and len(thread_id) > MAX_ID:  # no such thread can be stored
         if body.if_not_exists == "create":
             raise APIError(422, f"thread_id longer than {MAX_ID} characters")
         raise not_found("thread", thread_id)
-    input_messages(body.input)  # a malformed input is a 422 now, not a failed run later
-    cap = svc.settings.tenant_max_queued
-    if cap is not None and await svc.pool.queued(caller.tenant_id) >= cap:
-        raise APIError(
-            429,
-            f"{cap} runs of this tenant are already waiting to start; retry later",
-            {"Retry-After": "1"},
-        )
+    check_input(input_messages(body.input))  # a bad input is a 422 now, not a failed run
     kwargs = {
         "input": body.input,
         "config": body.config,
@@ -182,8 +180,9 @@ async def _assistant(
     if body.config or body.context:
         svc.agents.validate(
             assistant["graph_id"],
-            {**assistant["config"], **(body.config or {})},
-            {**assistant["context"], **(body.context or {})},
+            body.config,
+            body.context,
+            assistant=(assistant["config"], assistant["context"]),
         )
     return assistant
 
@@ -226,15 +225,12 @@ async def events(
     async for event in run_events(svc, run_id, after, idle_s, fresh):
         if event is None:  # quiet for a while: keep proxies and clients from timing out
             yield HEARTBEAT
-        elif frame := _frame(*event, modes):
-            yield frame
-
-
-def _frame(seq: int, name: str, data: Any, modes: set[str]) -> bytes | None:
-    mode = MODE_OF_EVENT.get(name)
-    if mode is not None and mode not in modes:
-        return None
-    return b"event: %s\ndata: %s\nid: %d\n\n" % (name.encode(), orjson.dumps(data), seq)
+            continue
+        seq, name, _ = event
+        mode = MODE_OF_EVENT.get(name)
+        if mode is None or mode in modes:
+            data = svc.broker.encoded(run_id, event)
+            yield b"event: %s\ndata: %s\nid: %d\n\n" % (name.encode(), data, seq)
 
 
 def _sse(
@@ -248,6 +244,9 @@ def _sse(
     fresh: bool = False,
     stateless: bool = False,
 ) -> StreamingResponse:
+    """The event stream of ``run``, on a stream slot its tenant holds (:class:`TenantStreams`:
+    taken by the caller, given back here when the stream ends)."""
+
     async def body() -> AsyncIterator[bytes]:
         finished = False
         try:
@@ -267,13 +266,26 @@ def _sse(
     headers = {"Content-Location": location, "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
     if resumable:  # the client reconnects to Location with Last-Event-ID when the stream breaks
         headers["Location"] = f"{location}/stream"
-    return _EventStream(body(), media_type="text/event-stream", headers=headers)
+    response = _EventStream(body(), media_type="text/event-stream", headers=headers)
+    response.tenant_id, response.streams = run["tenant_id"], svc.streams
+    return response
 
 
 class _EventStream(StreamingResponse):
     """A StreamingResponse that always closes its event generator, so the generator's
     clean-up runs when the client goes away, whether the server noticed the disconnect
-    (the stream is cancelled) or a write failed (the generator would otherwise wait for GC)."""
+    (the stream is cancelled) or a write failed (the generator would otherwise wait for GC);
+    and gives its tenant's stream slot back however it ends (even before its generator ran,
+    whose own clean-up would then never run)."""
+
+    tenant_id: str
+    streams: TenantStreams
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.streams.give_back(self.tenant_id)
 
     async def stream_response(self, send: Send) -> None:
         try:
@@ -357,7 +369,12 @@ async def _start_streamed(
     body: RunCreate,
     idempotency_key: str | None,
 ) -> StreamingResponse:
-    run = await create_run(svc, caller, thread_id, body, idempotency_key=idempotency_key)
+    svc.streams.take(caller.tenant_id)  # before the run: a refused stream queues nothing
+    try:
+        run = await create_run(svc, caller, thread_id, body, idempotency_key=idempotency_key)
+    except BaseException:
+        svc.streams.give_back(caller.tenant_id)
+        raise
     return _sse(
         svc,
         run,
@@ -494,12 +511,14 @@ async def join_run_stream(
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> StreamingResponse:
     """Stream a run's events from the start, or after ``Last-Event-ID``."""
+    if cancel_on_disconnect and not caller.can_write:  # leaving would cancel the run
+        raise APIError(403, "cancel_on_disconnect needs a read-write key: this one is read-only")
     run = await _get_run(svc, caller.tenant_id, run_id, thread_id)
     asked = {m for m in stream_mode or () if m}  # the SDK sends "stream_mode=" for "all"
     modes = asked or stream_modes(run["kwargs"])
-    return _sse(
-        svc, run, modes, _last_event_id(last_event_id), run_path(run, False), cancel_on_disconnect
-    )
+    after = _last_event_id(last_event_id)
+    svc.streams.take(caller.tenant_id)
+    return _sse(svc, run, modes, after, run_path(run, False), cancel_on_disconnect)
 
 
 # --- stateless runs ------------------------------------------------------------------

@@ -71,9 +71,7 @@ class Harness:
             while True:
                 row = await self.db.runs.get(TENANT, run["run_id"])
                 assert row is not None
-                if row["status"] not in ("pending", "running") and (
-                    row["lease_owner"] is None
-                ):
+                if row["status"] not in ("pending", "running") and (row["lease_owner"] is None):
                     return row
                 await asyncio.sleep(0.02)
 

@@ -31,12 +31,12 @@ def check_model_id(model_id: str) -> tuple[str, str]:
     provider, sep, name = model_id.partition(":")
     if not sep or not name:
         raise ConfigError(
-            f"model id {model_id!r} must look like 'provider:name' (providers: "
+            f"unknown model {model_id!r}: a model id looks like 'provider:name' (providers: "
             f"{', '.join(PROVIDERS)}), e.g. 'local:smollm2' or 'openai:gpt-4o-mini'"
         )
     if provider not in PROVIDERS:
         raise ConfigError(
-            f"unknown model provider {provider!r} in {model_id!r}; providers: "
+            f"unknown model {model_id!r}: unknown model provider {provider!r}; providers: "
             f"{', '.join(PROVIDERS)}"
         )
     # a local model may be a file path (spaces and all); other names are the endpoint's

@@ -155,3 +155,9 @@ class Settings(BaseSettings):
         "connection; then 408 and the connection is closed. (An idle kept-alive connection "
         "is closed after uvicorn's 5 s keep-alive timeout.)",
     )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Time a client has to send a whole request body, from the end of its "
+        "head; then 408 and the connection is closed.",
+    )

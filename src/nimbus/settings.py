@@ -150,3 +150,26 @@ class Settings(BaseSettings):
         default=None,
         description="If set, `http_fetch` may only fetch these hosts (and subdomains).",
     )
+    # Slow clients: connections and the time to send a request (see nimbus.server.connections)
+    max_connections: int = Field(
+        default=10_000,
+        ge=1,
+        description="Client connections open at once, per process; one more is answered 503 "
+        "(with `Retry-After`) and closed before its request is read. Lowered at start, with a "
+        "warning, to what the descriptor limit leaves for the database pools, model "
+        "connections and files.",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Time a client has to send a request's line and headers, from the "
+        "connection's accept or from the first byte of each next request on a kept-alive "
+        "connection; then 408 and the connection is closed. (An idle kept-alive connection "
+        "is closed after uvicorn's 5 s keep-alive timeout.)",
+    )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Time a client has to send a whole request body, from the end of its "
+        "head; then 408 and the connection is closed.",
+    )

@@ -149,6 +149,18 @@ def worker(
 def _serve(app: object, host: str, port: int, settings: Settings) -> None:
     import uvicorn
 
+    from nimbus.server.connections import (
+        BoundedHttpProtocol,
+        connection_cap,
+        raise_descriptor_limit,
+    )
+
+    # Every client connection, database connection and file is a descriptor: the soft limit
+    # a process often starts with (1024) is a thousand idle clients.
+    descriptors = raise_descriptor_limit()
+    protocol = BoundedHttpProtocol.limited(
+        connection_cap(settings, descriptors), settings.header_timeout_s
+    )
     config = uvicorn.Config(
         app,  # type: ignore[arg-type]
         host=host,
@@ -157,7 +169,7 @@ def _serve(app: object, host: str, port: int, settings: Settings) -> None:
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
         loop="uvloop",
-        http="httptools",
+        http=protocol,  # httptools, with limits on connections and request heads
         # A full accept queue drops new connections (clients retry a second or more later):
         # as deep as the kernel allows by default (net.core.somaxconn).
         backlog=4096,

@@ -3,6 +3,7 @@ opens the database, applies migrations, bootstraps the admin key and runs the wo
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
 import uuid
@@ -55,14 +56,16 @@ def _problem(status: int, message: str) -> list[Message]:
 
 class Guard:
     """Request ids, access logs, metrics, body-size limit (413, with or without a
-    Content-Length), content type (415) and URLs no database can compare (NUL: 400).
+    Content-Length), body time limit (408), content type (415) and URLs no database can
+    compare (NUL: 400).
 
     Pure ASGI, so streaming responses pass through untouched.
     """
 
-    def __init__(self, app: ASGIApp, max_body: int) -> None:
+    def __init__(self, app: ASGIApp, max_body: int, body_timeout_s: float) -> None:
         self.app = app
         self.max_body = max_body
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -73,6 +76,7 @@ class Guard:
         method: str = scope["method"]
         started = time.perf_counter()
         status_holder = {"status": 500, "started": 0}
+        body_late = False
 
         async def send_wrapped(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -80,6 +84,8 @@ class Guard:
                 status_holder["started"] = 1
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+                if body_late:  # the rest of the body may yet come, where a next request would
+                    message["headers"].append((b"connection", b"close"))
             await send(message)
 
         async def reject(status: int, text: str) -> None:
@@ -100,23 +106,37 @@ class Guard:
             await reject(400, "the URL may not contain NUL (%00) characters")
             return
         seen = 0
+        body_done = False
+        body_deadline = asyncio.get_running_loop().time() + self.body_timeout_s
 
         async def receive_limited() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, body_done, body_late
+            if body_done:  # from now on receive() only tells of a disconnect: no deadline
+                return await receive()
+            try:
+                async with asyncio.timeout_at(body_deadline):
+                    message = await receive()
+            except TimeoutError:
+                body_late = True
+                raise _BodyRefused(
+                    408, f"request body not received within {self.body_timeout_s:g} s"
+                ) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_body:
-                    raise _TooLarge(413, f"request body over the {self.max_body}-byte limit")
+                    raise _BodyRefused(413, f"request body over the {self.max_body}-byte limit")
+                body_done = not message.get("more_body", False)
+            else:
+                body_done = True
             return message
 
         structlog.contextvars.bind_contextvars(request_id=request_id)
         try:
             await self.app(scope, receive_limited, send_wrapped)
-        except _TooLarge as exc:  # raised where no handler rendered it
+        except _BodyRefused as exc:  # raised where no handler rendered it
             if status_holder["started"]:
                 raise
-            await reject(413, str(exc.detail))
+            await reject(exc.status_code, str(exc.detail))
         finally:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
@@ -135,9 +155,10 @@ class Guard:
             structlog.contextvars.unbind_contextvars("request_id")
 
 
-class _TooLarge(HTTPException):
-    """The body grew past the limit while it was read: an HTTPException, so that FastAPI's
-    body parsing lets it through to the error handlers (a 413, not a 400)."""
+class _BodyRefused(HTTPException):
+    """The body grew past the limit (413) or came too slowly (408) while it was read: an
+    HTTPException, so that FastAPI's body parsing lets it through to the error handlers (a
+    413 or 408, not a 400)."""
 
 
 def _tune_gc() -> None:
@@ -251,7 +272,9 @@ def create_app(
         routers += [store.router, openai.router]
     for router in routers:
         app.router.routes.extend(router.routes)
-    app.add_middleware(Guard, max_body=settings.max_body_bytes)
+    app.add_middleware(
+        Guard, max_body=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s
+    )
     return app
 
 

@@ -447,3 +447,61 @@ def scale(
         sys.stdout.write(as_json(results).decode() + "\n")
     if any(r.errors for r in results):
         raise typer.Exit(1)
+
+
+@bench_app.command("floods")
+def floods(
+    database: Annotated[str, typer.Option(help="sqlite or postgres.")] = "sqlite",
+    flood: Annotated[
+        list[str] | None,
+        typer.Option("--flood", help="A flood to run (repeat the option); default: every one."),
+    ] = None,
+    victim_reads: Annotated[
+        int, typer.Option(min=10, help="Reads of the victim tenant before each flood.")
+    ] = 200,
+    postgres_url: Annotated[
+        str | None,
+        typer.Option(help="PostgreSQL server for --database postgres (a fresh database each)."),
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print figures as JSON.")] = False,
+) -> None:
+    """Floods one tenant can send, and what each costs the server and its other tenants."""
+    from nimbus.bench.floods import FLOODS, FloodResult, as_json, bench_floods
+    from nimbus.bench.processes import DEFAULT_POSTGRES_URL, check_postgres
+
+    if database not in ("sqlite", "postgres"):
+        raise UserError("--database must be sqlite or postgres")
+    chosen = flood or list(FLOODS)
+    unknown = [f for f in chosen if f not in FLOODS]
+    if unknown:
+        raise UserError(f"unknown flood {unknown[0]!r}; floods: {', '.join(FLOODS)}")
+    pg_url = postgres_url or os.environ.get("NIMBUS_TEST_POSTGRES_URL") or DEFAULT_POSTGRES_URL
+    if database == "postgres":
+        check_postgres(pg_url)
+    console = Console(stderr=json_output, highlight=False, width=180)
+    console.print(
+        f"{'flood':<20}{'attacks':>8}{'accepted':>9}{'refused':>8}{'refuse p50 ms':>14}"
+        f"{'victim p50 ms before':>21}{'during':>8}{'p99':>8}{'failed':>7}{'DB B/attack':>12}"
+    )
+
+    def report(r: FloodResult) -> None:
+        refuse = "-" if r.refuse_p50_ms is None else f"{r.refuse_p50_ms:.1f}"
+        grown = "-" if r.db_bytes_per_attack is None else f"{r.db_bytes_per_attack:.0f}"
+        console.print(
+            f"{r.flood:<20}{r.attacks:>8}{r.accepted:>9}{r.refused:>8}{refuse:>14}"
+            f"{r.victim_p50_ms_before:>21.2f}{r.victim_p50_ms_during:>8.2f}"
+            f"{r.victim_p99_ms_during:>8.2f}{r.victim_failures:>7}{grown:>12}",
+            markup=False,
+        )
+        if r.notes:
+            console.print(f"  {r.what}; {r.notes}", markup=False)
+
+    results = bench_floods(
+        database=database,
+        postgres_url=pg_url,
+        floods=chosen,
+        victim_reads=victim_reads,
+        report=report,
+    )
+    if json_output:
+        sys.stdout.write(as_json(results).decode() + "\n")

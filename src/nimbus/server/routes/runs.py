@@ -513,11 +513,15 @@ async def join_run_stream(
     """Stream a run's events from the start, or after ``Last-Event-ID``."""
     if cancel_on_disconnect and not caller.can_write:  # leaving would cancel the run
         raise APIError(403, "cancel_on_disconnect needs a read-write key: this one is read-only")
-    run = await _get_run(svc, caller.tenant_id, run_id, thread_id)
+    after = _last_event_id(last_event_id)
+    svc.streams.take(caller.tenant_id)  # first: a refused join costs no database read
+    try:
+        run = await _get_run(svc, caller.tenant_id, run_id, thread_id)
+    except BaseException:
+        svc.streams.give_back(caller.tenant_id)
+        raise
     asked = {m for m in stream_mode or () if m}  # the SDK sends "stream_mode=" for "all"
     modes = asked or stream_modes(run["kwargs"])
-    after = _last_event_id(last_event_id)
-    svc.streams.take(caller.tenant_id)
     return _sse(svc, run, modes, after, run_path(run, False), cancel_on_disconnect)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from nimbus.store.common import JsonMatch, new_id, now, row
+from nimbus.store.common import JsonMatch, insert_new, new_id, now, row
 from nimbus.store.db import autocommit
 from nimbus.store.pg import PgHotPath
 from nimbus.store.schema import assistant_versions, assistants
@@ -80,22 +80,6 @@ class AssistantStore:
         """
         assistant_id = assistant_id or new_id()
         async with self.engine.begin() as conn:
-            existing = (
-                (
-                    await conn.execute(
-                        select(assistants).where(
-                            assistants.c.tenant_id == tenant_id,
-                            assistants.c.assistant_id == assistant_id,
-                        )
-                    )
-                )
-                .mappings()
-                .first()
-            )
-            if existing is not None:
-                if if_exists == "do_nothing":
-                    return row(existing) or {}, False
-                return {}, False
             stamp = now()
             values = {
                 "assistant_id": assistant_id,
@@ -110,7 +94,23 @@ class AssistantStore:
                 "created_at": stamp,
                 "updated_at": stamp,
             }
-            await conn.execute(assistants.insert().values(**values))
+            inserted = await conn.execute(insert_new(self.engine.dialect.name, assistants), values)
+            if not inserted.rowcount:  # made by someone else, perhaps just now
+                existing = (
+                    (
+                        await conn.execute(
+                            select(assistants).where(
+                                assistants.c.tenant_id == tenant_id,
+                                assistants.c.assistant_id == assistant_id,
+                            )
+                        )
+                    )
+                    .mappings()
+                    .first()
+                )
+                if existing is not None and if_exists == "do_nothing":
+                    return row(existing) or {}, False
+                return {}, False
             await conn.execute(
                 assistant_versions.insert().values(
                     **{k: values[k] for k in ("assistant_id", "tenant_id", *VERSIONED)},

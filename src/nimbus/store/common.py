@@ -7,10 +7,23 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Column, ColumnElement, Select, and_, func, select, true, type_coerce
+from sqlalchemy import (
+    Column,
+    ColumnElement,
+    Select,
+    Table,
+    and_,
+    func,
+    select,
+    true,
+    type_coerce,
+)
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.dml import Insert
 
 #: Object keys SQLite's JSON paths can address: printable ASCII without '"' and '\'.
 _SQLITE_PATH_KEY = re.compile(r"[ !#-\[\]-~]{1,200}")
@@ -68,6 +81,15 @@ def pending_run(
         "lease_owner": None,
         "lease_token": 0,
     }
+
+
+def insert_new(dialect: str, table: Table) -> Insert:
+    """An insert into ``table`` that skips a row whose key exists (``rowcount`` 0), instead of
+    failing: of concurrent creates of one id, one inserts and the others find its row (on
+    PostgreSQL the others wait for the first to commit), where a read-then-insert let two
+    pass the read and one fail on the key (a 500)."""
+    insert = pg_insert(table) if dialect == "postgresql" else sqlite_insert(table)
+    return insert.on_conflict_do_nothing()
 
 
 def row(mapping: RowMapping | None) -> dict[str, Any] | None:

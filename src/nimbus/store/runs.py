@@ -7,8 +7,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, func, or_, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nimbus.store.common import (
@@ -16,6 +14,7 @@ from nimbus.store.common import (
     JsonMatch,
     QueueFull,
     ThreadBusy,
+    insert_new,
     new_id,
     now,
     pending_run,
@@ -78,15 +77,18 @@ def _queue(
     else:
         # Marking the thread busy also locks its row until the run is queued.
         params = {"b_tenant_id": tenant_id, "b_thread_id": thread_id, "b_stamp": now()}
-        if conn.execute(_BUSY, params).first() is not None:
+        busy = conn.execute(_BUSY, params).first() is not None
+        if not busy and if_not_exists != "create":
+            return None
+        if not busy:
+            _, created = create_thread(conn, tenant_id, thread_id, {}, status="busy")
+            # not created: a concurrent request created it meanwhile; it is queued on that one
+            busy = not created and conn.execute(_BUSY, params).first() is not None
+            if not created and not busy:
+                return None
+        if busy:
             found = conn.execute(_ACTIVE_RUNS, {"b_tenant_id": tenant_id, "b_thread_id": thread_id})
             active = list(found.scalars())
-        elif if_not_exists != "create":
-            return None
-        else:
-            _, created = create_thread(conn, tenant_id, thread_id, {}, status="busy")
-            if not created:
-                return None
     if active:
         if multitask_strategy == "reject":
             raise ThreadBusy(thread_id)  # the transaction rolls back: status unchanged
@@ -114,12 +116,11 @@ def _claim_key(
     request, return that run (marked ``replayed``) instead. The key's row is written first:
     of concurrent requests with one key, the others wait for the first to commit."""
     table = idempotency_keys
-    insert = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(table)
     stamp = now()
     taken = conn.execute(
-        insert.values(
+        insert_new(conn.dialect.name, table).values(
             tenant_id=tenant_id, key=key, request_hash=request_hash, run_id=run_id, created_at=stamp
-        ).on_conflict_do_nothing()
+        )
     )
     if taken.rowcount:
         return None

@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import Connection, Select, bindparam, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from nimbus.store.common import JsonMatch, new_id, now, row
+from nimbus.store.common import JsonMatch, insert_new, new_id, now, row
 from nimbus.store.db import autocommit
 from nimbus.store.pg import PgHotPath
 from nimbus.store.schema import checkpoints, run_attempts, run_events, runs, threads
@@ -16,7 +16,6 @@ from nimbus.store.schema import checkpoints, run_attempts, run_events, runs, thr
 _GET = select(threads).where(
     threads.c.tenant_id == bindparam("tenant_id"), threads.c.thread_id == bindparam("thread_id")
 )
-_INSERT = threads.insert()
 SORTABLE = {"thread_id", "status", "created_at", "updated_at"}
 STATUSES = {"idle", "busy", "interrupted", "error"}
 
@@ -37,9 +36,6 @@ def create_thread(
 ) -> tuple[dict[str, Any], bool]:
     """Create a thread (synchronous, for ``run_sync``); see :meth:`ThreadStore.create`."""
     thread_id = thread_id or new_id()
-    existing = get_thread(conn, tenant_id, thread_id)
-    if existing is not None:
-        return (existing, False) if if_exists == "do_nothing" else ({}, False)
     stamp = now()
     values = {
         "thread_id": thread_id,
@@ -51,8 +47,12 @@ def create_thread(
         "created_at": stamp,
         "updated_at": stamp,
     }
-    conn.execute(_INSERT, values)
-    return values, True
+    if conn.execute(insert_new(conn.dialect.name, threads), values).rowcount:
+        return values, True
+    existing = get_thread(conn, tenant_id, thread_id)  # made by someone else, perhaps just now
+    if existing is not None and if_exists == "do_nothing":
+        return existing, False
+    return {}, False
 
 
 class ThreadStore:

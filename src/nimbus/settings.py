@@ -138,3 +138,9 @@ class Settings(BaseSettings):
         default=None,
         description="If set, `http_fetch` may only fetch these hosts (and subdomains).",
     )
+    model_max_response_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1024,
+        description="Largest response of a model endpoint, in bytes (a whole body, or a "
+        "whole stream); past it the call fails and its connection is closed.",
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 from urllib.parse import quote
 
 import orjson
@@ -18,7 +19,9 @@ from nimbus.exceptions import (
     ModelHTTPError,
     ModelResponseError,
 )
+from nimbus.models import resolve_model
 from nimbus.models.openai import OpenAIModel, retry_delay
+from nimbus.settings import Settings
 from nimbus.testing.fake_openai import ECHO_REQUEST, FakeOpenAIServer
 
 HELLO = [UserMessage("hello")]
@@ -285,3 +288,40 @@ def test_a_bad_base_url_is_not_shown_whole() -> None:
         OpenAIModel("m", base_url=f"http://{USER}:{PASSWORD}@127.0.0.1:99999/v1?api-key=q123")
     assert leaks(str(info.value)) == [] and "q123" not in str(info.value)
     assert "http://127.0.0.1:99999/v1?api-key=***" in str(info.value)
+
+
+# --- the response-size cap -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_response_over_the_limit_fails_clearly(stream: bool) -> None:
+    words = " ".join(["word"] * 5000)  # 25 kB of text
+    completion = {"choices": [{"message": {"content": words}, "finish_reason": "stop"}]}
+    chunk = {"choices": [{"index": 0, "delta": {"content": words}}]}
+    body: object = completion
+    headers: dict[str, str] = {}
+    if stream:
+        body = f"data: {orjson.dumps(chunk).decode()}\n\n"
+        headers = {"Content-Type": "text/event-stream"}
+    async with FakeOpenAIServer(faults=[(200, headers, body)]) as server:
+        model = model_for(server, max_response_bytes=16 * 1024, max_retries=2)
+        try:
+            with pytest.raises(ModelResponseError) as info:
+                await call(model, stream)
+            assert "answered more than 16384 bytes" in str(info.value)
+            assert "NIMBUS_MODEL_MAX_RESPONSE_BYTES" in str(info.value)
+            assert server.request_count == 1  # not retried: it would be as large again
+            answer = await model.request(HELLO, [], SETTINGS)  # a new connection works
+        finally:
+            await model.aclose()
+    assert answer.message.content == "Echo: hello"
+    assert server.connections_accepted == 2  # the oversized one was closed
+
+
+def test_the_limit_is_a_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)  # no .env
+    monkeypatch.setenv("NIMBUS_MODEL_MAX_RESPONSE_BYTES", "65536")
+    model = resolve_model("openai:m", Settings(), base_url="http://127.0.0.1:9/v1")
+    assert isinstance(model, OpenAIModel)
+    assert model.max_response_bytes == 65536
+    assert Settings.model_fields["model_max_response_bytes"].default == 16 * 1024 * 1024

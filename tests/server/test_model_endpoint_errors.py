@@ -6,6 +6,8 @@ request it was sent (its ``Authorization: Bearer <OPENAI_API_KEY>`` included), a
 misbehaving proxy would. None of it may show in what a tenant reads about the failed runs,
 in what the database stores (the runs' ``error``, which the API does not show, their
 events), nor in the server's log.
+
+An answer larger than ``NIMBUS_MODEL_MAX_RESPONSE_BYTES`` fails the run, saying so.
 """
 
 from __future__ import annotations
@@ -167,3 +169,26 @@ def _text(value: Any) -> str:
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value).decode("utf-8", "replace")
     return str(value)
+
+
+async def test_an_answer_over_the_size_limit_fails_the_run(
+    database_url: str, tmp_path: Path
+) -> None:
+    words = " ".join(["word"] * 5000)  # 25 kB
+    huge = {"choices": [{"message": {"content": words}, "finish_reason": "stop"}]}
+    env = {"NIMBUS_MODEL_MAX_RESPONSE_BYTES": "16384", "NIMBUS_MODEL_MAX_RETRIES": "2"}
+    async with (
+        FakeOpenAIServer(faults=[(200, {}, huge)]) as fake,
+        live_server(database_url, fake, tmp_path, **env) as server,
+        httpx.AsyncClient(
+            base_url=server.url, headers={"x-api-key": server.admin_key}, timeout=60
+        ) as http,
+    ):
+        r = await http.post("/assistants", json={"graph_id": "agent", "config": MODEL})
+        run = {"assistant_id": r.json()["assistant_id"], "input": ASK}
+        values = (await http.post("/runs/wait", json=run)).json()
+        assert "answered more than 16384 bytes" in values["__error__"]["message"], values
+        assert "NIMBUS_MODEL_MAX_RESPONSE_BYTES" in values["__error__"]["message"]
+        assert fake.request_count == 1  # not retried: it would be as large again
+        values = (await http.post("/runs/wait", json=run)).json()
+        assert values["messages"][-1]["content"] == "Echo: What is 6 times 7?"  # next one works

@@ -39,7 +39,13 @@ from nimbus.exceptions import (
     ModelHTTPError,
     ModelResponseError,
 )
-from nimbus.models.http import HTTPError, HTTPPool, Response
+from nimbus.models.http import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    HTTPError,
+    HTTPPool,
+    Response,
+    ResponseTooLarge,
+)
 from nimbus.models.redact import Redactor, excerpt, redact_url, url_secrets
 
 #: Statuses worth another try: timeouts, conflicts, rate limits and server errors.
@@ -175,6 +181,7 @@ class OpenAIModel(Model):
         backoff_base_s: float = 0.5,
         backoff_max_s: float = 8.0,
         max_connections: int = 1000,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         parts = urlsplit(base_url)
         try:
@@ -204,6 +211,7 @@ class OpenAIModel(Model):
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.max_connections = max_connections
+        self.max_response_bytes = max_response_bytes
         self._pool: HTTPPool | None = None
 
     def _client(self) -> HTTPPool:
@@ -212,6 +220,7 @@ class OpenAIModel(Model):
                 self.url,  # the pool needs only its scheme, host and port
                 max_connections=self.max_connections,
                 connect_timeout_s=self.connect_timeout_s,
+                max_response_bytes=self.max_response_bytes,
             )
         return self._pool
 
@@ -237,6 +246,13 @@ class OpenAIModel(Model):
     def _shown(self, text: str) -> str:
         """The start of ``text`` from the endpoint (or about it), redacted, to put in an error."""
         return excerpt(self._redact(excerpt(text, ERROR_SCANNED_CHARS)), ERROR_SHOWN_CHARS)
+
+    def _too_large(self) -> ModelResponseError:
+        return self._error(
+            ModelResponseError,
+            f"{self.endpoint} answered more than {self.max_response_bytes} bytes "
+            "(the limit is NIMBUS_MODEL_MAX_RESPONSE_BYTES); the response was dropped",
+        )
 
     def _connection_error(self, tries: int, exc: BaseException) -> ModelConnectionError:
         reason = (
@@ -264,6 +280,8 @@ class OpenAIModel(Model):
                             resp.body = b"".join([c async for c in chunks])
                     else:
                         resp, chunks = await pool.post(self.path, self._headers, body), None
+            except ResponseTooLarge:
+                raise self._too_large() from None  # not retried: it would be as large again
             except (HTTPError, TimeoutError) as exc:
                 if attempt >= self.max_retries:
                     raise self._connection_error(attempt + 1, exc) from None
@@ -356,6 +374,8 @@ class OpenAIModel(Model):
                         slot[1] += fn.get("name") or ""
                         slot[2] += fn.get("arguments") or ""
                     finish_reason = choice.get("finish_reason") or finish_reason
+        except ResponseTooLarge:
+            raise self._too_large() from None
         except (HTTPError, TimeoutError) as exc:
             reason = "timed out" if isinstance(exc, TimeoutError) else self._shown(str(exc))
             raise self._error(

@@ -44,7 +44,11 @@ class NotAllowed(UserError):
 
 
 class ModelError(NimbusError):
-    """A model provider failed; ``endpoint`` names which one."""
+    """A model provider failed; ``endpoint`` names which one.
+
+    Tenants read the message (a run's error, the OpenAI facade's 502): a provider builds it,
+    and ``endpoint``, without the operator's secrets (see :mod:`nimbus.models.redact`).
+    """
 
     def __init__(self, message: str, *, endpoint: str = "") -> None:
         super().__init__(message)
@@ -52,7 +56,8 @@ class ModelError(NimbusError):
 
 
 class ModelHTTPError(ModelError):
-    """The model endpoint answered with an HTTP error status."""
+    """The model endpoint answered with an HTTP error status; ``body`` is the start of what
+    it said, redacted like the message."""
 
     def __init__(self, message: str, *, endpoint: str, status: int, body: str = "") -> None:
         super().__init__(message, endpoint=endpoint)

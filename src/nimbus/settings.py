@@ -173,3 +173,9 @@ class Settings(BaseSettings):
         description="Time a client has to send a whole request body, from the end of its "
         "head; then 408 and the connection is closed.",
     )
+    model_max_response_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1024,
+        description="Largest response of a model endpoint, in bytes (a whole body, or a "
+        "whole stream); past it the call fails and its connection is closed.",
+    )

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from nimbus.models.http import HTTPError, HTTPPool
+from nimbus.models.http import HTTPError, HTTPPool, ResponseTooLarge
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -122,3 +123,53 @@ async def test_invalid_response_is_an_error(serve) -> None:  # type: ignore[no-u
 def test_only_http_urls() -> None:
     with pytest.raises(ValueError, match="not an http"):
         HTTPPool("ftp://example.com")
+
+
+# --- the response-size cap --------------------------------------------------------------
+
+
+async def test_a_body_over_the_limit_fails_and_closes_the_connection(serve) -> None:  # type: ignore[no-untyped-def]
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while True:
+            try:
+                size = int(await read_request(reader))
+            except asyncio.IncompleteReadError:
+                break
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"a" * size)
+        writer.close()
+
+    pool = HTTPPool(await serve(handler), max_response_bytes=4096)
+    assert len((await pool.post("/", b"", b"1000")).body) == 1000
+    with pytest.raises(ResponseTooLarge, match="larger than 4096 bytes"):
+        await pool.post("/", b"", b"100000")
+    assert len((await pool.post("/", b"", b"1000")).body) == 1000
+    await pool.close()
+    assert connections == 2  # the one that said too much was closed, not reused
+
+
+async def test_a_stream_over_the_limit_fails(serve) -> None:  # type: ignore[no-untyped-def]
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(1000):  # 1 MB in all, 1 kB at a time
+                writer.write(b"400\r\n" + b"d" * 1024 + b"\r\n")
+                await writer.drain()
+                await asyncio.sleep(0)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    pool = HTTPPool(await serve(handler), max_response_bytes=64 * 1024)
+    head, chunks = await pool.post_stream("/", b"", b"{}")
+    assert head.status == 200
+    received = 0
+    with pytest.raises(ResponseTooLarge):
+        async for chunk in chunks:
+            received += len(chunk)
+    assert received <= 64 * 1024
+    assert not pool._idle  # the connection was not kept
+    await pool.close()

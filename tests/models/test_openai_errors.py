@@ -4,27 +4,46 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
+from urllib.parse import quote
 
+import orjson
 import pytest
 
 from nimbus.core.messages import UserMessage
-from nimbus.core.model import ModelSettings, ToolSpec
+from nimbus.core.model import ModelResponse, ModelSettings, ToolSpec
 from nimbus.exceptions import (
     ConfigError,
     ModelConnectionError,
+    ModelError,
     ModelHTTPError,
     ModelResponseError,
 )
+from nimbus.models import resolve_model
 from nimbus.models.openai import OpenAIModel, retry_delay
-from nimbus.testing.fake_openai import FakeOpenAIServer
+from nimbus.settings import Settings
+from nimbus.testing.fake_openai import ECHO_REQUEST, FakeOpenAIServer
 
 HELLO = [UserMessage("hello")]
 SETTINGS = ModelSettings()
 
 
 def model_for(server: FakeOpenAIServer, **kwargs: object) -> OpenAIModel:
+    return model_for_url(server.base_url, **kwargs)
+
+
+def model_for_url(base_url: str, **kwargs: object) -> OpenAIModel:
     options: dict = {"backoff_base_s": 0.001, "backoff_max_s": 0.01, **kwargs}
-    return OpenAIModel("fake-model", base_url=server.base_url, **options)
+    return OpenAIModel("fake-model", base_url=base_url, **options)
+
+
+async def call(model: OpenAIModel, stream: bool) -> ModelResponse:
+    """One completion, streamed or not."""
+    if not stream:
+        return await model.request(HELLO, [], SETTINGS)
+    items = [i async for i in model.stream(HELLO, [], SETTINGS)]
+    assert isinstance(items[-1], ModelResponse)
+    return items[-1]
 
 
 async def test_retries_429_and_5xx_then_succeeds() -> None:
@@ -157,3 +176,152 @@ async def test_stream_that_is_not_an_event_stream_is_an_error() -> None:
                 _ = [i async for i in model.stream(HELLO, [], SETTINGS)]
         finally:
             await model.aclose()
+
+
+# --- the operator's secrets never reach an error --------------------------------------------
+
+KEY = "sk-operator-secret-" + "0123456789abcdef" * 2
+USER, PASSWORD, QUERY_SECRET = "nimbus-user", "pw-secret-123", "qsecret-456"
+
+
+def secret_url(port: int) -> str:
+    """A base URL with credentials and an Azure-style key in the query."""
+    return f"http://{USER}:{PASSWORD}@127.0.0.1:{port}/v1?api-key={QUERY_SECRET}"
+
+
+def leaks(text: str) -> list[str]:
+    """The secrets ``text`` shows: the URL's, or the key whole or by any 8 characters of it."""
+    parts = [USER, PASSWORD, QUERY_SECRET, *(KEY[i : i + 8] for i in range(len(KEY) - 7))]
+    return [s for s in parts if s in text]
+
+
+def assert_redacted(exc: ModelError, port: int) -> None:
+    assert exc.endpoint == f"POST http://127.0.0.1:{port}/v1/chat/completions?api-key=***"
+    body = exc.body if isinstance(exc, ModelHTTPError) else ""
+    for text in (str(exc), repr(exc), exc.endpoint, body):
+        assert leaks(text) == [], text
+    assert str(exc).startswith(exc.endpoint)
+
+
+@pytest.mark.parametrize("status", [401, 500])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_error_echoing_the_request_shows_no_secret(status: int, stream: bool) -> None:
+    async with FakeOpenAIServer(faults=[(status, {}, ECHO_REQUEST)]) as server:
+        model = model_for_url(secret_url(server.port), api_key=KEY, max_retries=0)
+        try:
+            with pytest.raises(ModelHTTPError) as info:
+                await call(model, stream)
+        finally:
+            await model.aclose()
+    assert info.value.status == status
+    assert_redacted(info.value, server.port)
+    message = str(info.value)
+    assert f"answered {status}: Injected fault {status}; the request was: POST" in message
+    assert "Authorization: ***" in message  # the echo was there, and lost the key
+    assert "api-key=***" in message  # the request line too
+
+
+UPSTREAM_BODIES = [
+    # an OpenAI error naming the key, whole and URL-encoded
+    (401, {}, {"error": {"message": f"Incorrect API key provided: {KEY} ({quote(KEY)})."}}),
+    # OpenAI's own hint: the key in part
+    (401, {}, {"error": {"message": f"Incorrect API key: {KEY[:12]}****{KEY[-4:]}."}}),
+    # a proxy dumping what it received, as JSON but not an OpenAI error
+    (502, {}, {"headers": {"authorization": f"Bearer {KEY}", "api-key": QUERY_SECRET}}),
+    # and as text
+    (
+        500,
+        {"Content-Type": "text/plain"},
+        f"upstream failed for {USER}:{PASSWORD} Authorization: Bearer {KEY}\napi-key: x",
+    ),
+]
+
+
+@pytest.mark.parametrize("fault", UPSTREAM_BODIES)
+async def test_upstream_bodies_lose_the_secrets_and_keep_the_rest(fault: tuple) -> None:  # type: ignore[type-arg]
+    async with FakeOpenAIServer(faults=[fault]) as server:
+        model = model_for_url(secret_url(server.port), api_key=KEY, max_retries=0)
+        try:
+            with pytest.raises(ModelHTTPError) as info:
+                await model.request(HELLO, [], SETTINGS)
+        finally:
+            await model.aclose()
+    assert_redacted(info.value, server.port)
+    assert f"answered {fault[0]}: " in str(info.value)
+    assert "***" in info.value.body
+
+
+async def test_a_mid_stream_error_shows_no_secret() -> None:
+    error = {"message": f"overloaded; request had Authorization: Bearer {KEY}", "code": 503}
+    events = [
+        {"choices": [{"index": 0, "delta": {"content": "Hel"}}]},
+        {"error": error},
+    ]
+    body = "".join(f"data: {orjson.dumps(e).decode()}\n\n" for e in events)
+    fault = (200, {"Content-Type": "text/event-stream"}, body)
+    async with FakeOpenAIServer(faults=[fault]) as server:
+        model = model_for_url(secret_url(server.port), api_key=KEY)
+        try:
+            with pytest.raises(ModelHTTPError) as info:
+                _ = [i async for i in model.stream(HELLO, [], SETTINGS)]
+        finally:
+            await model.aclose()
+    assert_redacted(info.value, server.port)
+    assert "reported an error mid-stream: overloaded; request had Authorization: ***" in str(
+        info.value
+    )
+
+
+async def test_a_connection_failure_shows_no_secret() -> None:
+    with socket.socket() as sock:  # a free port, left closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    model = model_for_url(secret_url(port), api_key=KEY, max_retries=1)
+    with pytest.raises(ModelConnectionError) as info:
+        await model.request(HELLO, [], SETTINGS)
+    assert_redacted(info.value, port)
+    assert "failed after 2 tries: cannot connect" in str(info.value)
+
+
+def test_a_bad_base_url_is_not_shown_whole() -> None:
+    with pytest.raises(ConfigError) as info:
+        OpenAIModel("m", base_url=f"http://{USER}:{PASSWORD}@127.0.0.1:99999/v1?api-key=q123")
+    assert leaks(str(info.value)) == [] and "q123" not in str(info.value)
+    assert "http://127.0.0.1:99999/v1?api-key=***" in str(info.value)
+
+
+# --- the response-size cap -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_response_over_the_limit_fails_clearly(stream: bool) -> None:
+    words = " ".join(["word"] * 5000)  # 25 kB of text
+    completion = {"choices": [{"message": {"content": words}, "finish_reason": "stop"}]}
+    chunk = {"choices": [{"index": 0, "delta": {"content": words}}]}
+    body: object = completion
+    headers: dict[str, str] = {}
+    if stream:
+        body = f"data: {orjson.dumps(chunk).decode()}\n\n"
+        headers = {"Content-Type": "text/event-stream"}
+    async with FakeOpenAIServer(faults=[(200, headers, body)]) as server:
+        model = model_for(server, max_response_bytes=16 * 1024, max_retries=2)
+        try:
+            with pytest.raises(ModelResponseError) as info:
+                await call(model, stream)
+            assert "answered more than 16384 bytes" in str(info.value)
+            assert "NIMBUS_MODEL_MAX_RESPONSE_BYTES" in str(info.value)
+            assert server.request_count == 1  # not retried: it would be as large again
+            answer = await model.request(HELLO, [], SETTINGS)  # a new connection works
+        finally:
+            await model.aclose()
+    assert answer.message.content == "Echo: hello"
+    assert server.connections_accepted == 2  # the oversized one was closed
+
+
+def test_the_limit_is_a_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)  # no .env
+    monkeypatch.setenv("NIMBUS_MODEL_MAX_RESPONSE_BYTES", "65536")
+    model = resolve_model("openai:m", Settings(), base_url="http://127.0.0.1:9/v1")
+    assert isinstance(model, OpenAIModel)
+    assert model.max_response_bytes == 65536
+    assert Settings.model_fields["model_max_response_bytes"].default == 16 * 1024 * 1024

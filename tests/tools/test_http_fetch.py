@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -12,6 +13,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from nimbus.exceptions import ToolError
 from nimbus.tools.http_fetch import (
@@ -153,6 +156,22 @@ def test_errors_are_tool_errors() -> None:
         ("http://", "no host"),
         ("http://example.com:99999/", "not a valid URL"),
         ("http://evil.com\\@127.0.0.1/", "not a valid URL"),
+        ("http://[::1]:18080@/", "not a valid URL"),  # raised IndexError once
+        ("http://[", "not a valid URL"),
+        ("http://[::1", "not a valid URL"),
+        ("http://[::1]]/", "not a valid URL"),
+        ("http://[::1]x/", "not a valid URL"),
+        ("http://[not:an:ip]/", "not a valid URL"),
+        ("http://a@[::1]@b/", "not a valid URL"),
+        ("http://:80/", "not a valid URL"),
+        ("http://%zz/", "not a valid URL"),
+        ("http://a%00b/", "not a valid URL"),
+        ("http://a b/", "not a valid URL"),
+        ("http://\x00/", "not a valid URL"),
+        ("http://a..b/", "not a valid URL"),
+        ("http://z[]z]xn--@", "not a valid URL"),
+        ("http://" + "a" * 64 + ".com/", "not a valid URL"),  # getaddrinfo: UnicodeError
+        ("http://" + "a." * 127 + "a/", "not a valid URL"),  # 255 characters
         ("http://metadata.google.internal/computeMetadata/v1/", "cloud metadata host"),
         ("http://METADATA.GOOGLE.INTERNAL./", "cloud metadata host"),
         ("http://metadata/", "cloud metadata host"),
@@ -176,6 +195,27 @@ def test_check_url_refuses(url: str, reason: str) -> None:
     assert reason in str(info.value)
 
 
+async def test_fetch_of_a_malformed_url_is_refused() -> None:
+    with pytest.raises(FetchRefused, match="not a valid URL"):
+        await fetch_url("http://[::1]:18080@/", policy=LOCAL)
+
+
+# Pieces of URLs that parsers trip on, so that generated strings reach the host parser.
+_URL_PIECES = st.sampled_from(
+    [*"[]:@/%?#.\\ az09-_\x00", "::1", "http://", "https://", "%zz", "%25", "xn--", "0x"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(), st.lists(_URL_PIECES, max_size=12).map("".join)))
+@example("[::1]:18080@/")  # found by an attacker: IndexError from yarl
+@example("z[]z]xn--@")  # found by this test (with more examples)
+def test_check_url_raises_nothing_but_fetch_refused(text: str) -> None:
+    for url in (text, "http://" + text):
+        with contextlib.suppress(FetchRefused):
+            check_url(url)
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -184,6 +224,9 @@ def test_check_url_refuses(url: str, reason: str) -> None:
         "http://8.8.8.8:8080/",
         "http://[2606:4700:4700::1111]/",
         "https://bücher.de/",
+        "http://under_score.example./",
+        "http://[2001:4860:4860::8888%25eth0]/",
+        "http://" + "a" * 63 + "." + "b" * 63 + ".example/",
     ],
 )
 def test_check_url_accepts(url: str) -> None:
@@ -324,6 +367,10 @@ async def server() -> AsyncIterator[Server]:
     async def redirect(request: web.Request) -> web.Response:
         raise web.HTTPFound(request.query["to"])
 
+    async def raw_redirect(request: web.Request) -> web.Response:
+        # HTTPFound parses its location; this sends one that does not parse
+        return web.Response(status=302, headers={"Location": request.query["to"]})
+
     async def chain(request: web.Request) -> web.Response:
         n = int(request.match_info["n"])
         if n == 0:
@@ -336,6 +383,7 @@ async def server() -> AsyncIterator[Server]:
     app.router.add_get("/charset/{name}", charset)
     app.router.add_get("/slow", slow)
     app.router.add_get("/redirect", redirect)
+    app.router.add_get("/raw-redirect", raw_redirect)
     app.router.add_get("/chain/{n}", chain)
     runner = web.AppRunner(app, shutdown_timeout=0.5)
     await runner.setup()
@@ -446,6 +494,13 @@ async def test_redirect_to_forbidden_target_refused_even_with_allow_private(
     with pytest.raises(FetchRefused, match=r"redirect from 127.0.0.1") as info:
         await fetch_url(f"{server.base}/redirect?to={target}", policy=LOCAL)
     assert reason in str(info.value)
+
+
+@pytest.mark.parametrize("target", ["http://[::1]:18080@/", "http://[", "http://%zz/"])
+async def test_redirect_to_a_malformed_url_is_refused(server: Server, target: str) -> None:
+    with pytest.raises(FetchRefused, match="not a valid URL"):
+        await fetch_url(f"{server.base}/raw-redirect?to={target}", policy=LOCAL)
+    assert len(server.requests) == 1
 
 
 class _LoopbackResolver(AbstractResolver):

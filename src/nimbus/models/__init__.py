@@ -63,6 +63,7 @@ def resolve_model(model_id: str, settings: Settings, *, base_url: str | None = N
             connect_timeout_s=settings.model_connect_timeout_s,
             max_retries=settings.model_max_retries,
             max_connections=settings.model_max_connections,
+            max_response_bytes=settings.model_max_response_bytes,
         )
     if base_url is not None:
         raise ConfigError(f"--base-url only applies to openai: models, not {model_id!r}")

@@ -6,6 +6,10 @@ and a general-purpose client spends most of a run's CPU on features a model endp
 not need (cookies, redirects, proxies, multipart, middlewares). This does only what a
 chat-completions call needs — POST a JSON body, read a JSON body or an event stream — and
 leaves parsing to llhttp. Plain ``http`` and ``https`` (TLS by :mod:`ssl`) are supported.
+
+A response (head and body, streamed or not) is cut off past ``max_response_bytes``: an
+endpoint that never stops sending must not fill the server's memory. The count is one
+addition per read from the socket.
 """
 
 from __future__ import annotations
@@ -15,13 +19,25 @@ import ssl
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from urllib.parse import urlsplit
 
 import httptools
 
+#: The largest response read by default: far above any chat completion.
+DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+
 
 class HTTPError(Exception):
     """The connection failed or the server broke the HTTP protocol."""
+
+
+class ResponseTooLarge(HTTPError):
+    """The response grew past the pool's ``max_response_bytes``; its connection is closed."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the response is larger than {limit} bytes")
+        self.limit = limit
 
 
 @dataclass(slots=True)
@@ -36,7 +52,8 @@ class Response:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; one request at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_response_bytes: int) -> None:
+        self.max_response_bytes = max_response_bytes
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
@@ -53,6 +70,7 @@ class _Connection(asyncio.Protocol):
         self.chunks: asyncio.Queue[bytes | None] | None = asyncio.Queue() if streaming else None
         self.keep_alive = True
         self.got_bytes = False
+        self.received = 0
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -60,6 +78,11 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
+        self.received += len(data)
+        if self.received > self.max_response_bytes:
+            self._fail(ResponseTooLarge(self.max_response_bytes))
+            self.close()
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -116,7 +139,12 @@ class HTTPPool:
     """Keep-alive HTTP/1.1 connections to the origin of ``base_url``."""
 
     def __init__(
-        self, base_url: str, *, max_connections: int = 1000, connect_timeout_s: float = 10.0
+        self,
+        base_url: str,
+        *,
+        max_connections: int = 1000,
+        connect_timeout_s: float = 10.0,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -131,6 +159,7 @@ class HTTPPool:
         if ":" in self.host and not default_port:
             self.host_header = f"[{self.host}]:{self.port}"
         self.connect_timeout_s = connect_timeout_s
+        self.max_response_bytes = max_response_bytes
         self._idle: deque[_Connection] = deque()
         self._slots = asyncio.Semaphore(max_connections)
 
@@ -139,7 +168,7 @@ class HTTPPool:
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 _, conn = await loop.create_connection(
-                    _Connection,
+                    partial(_Connection, self.max_response_bytes),
                     self.host,
                     self.port,
                     ssl=self.ssl,

@@ -3,6 +3,11 @@ LM Studio …), as ``openai:<model>``.
 
 This is the hot path of every run, so it speaks HTTP through :mod:`nimbus.models.http` (asyncio
 + llhttp) and JSON through orjson, chosen by ``nimbus bench runtime``: see docs/benchmarks.md.
+
+Its errors are read by tenants (stored in runs, streamed, answered by the OpenAI facade) while
+the endpoint is the operator's: every error is built by :meth:`OpenAIModel._error`, which
+passes it through :mod:`nimbus.models.redact` (no credentials, query values, API key or
+key-shaped strings), and shows only the start of what the endpoint said.
 """
 
 from __future__ import annotations
@@ -12,8 +17,8 @@ import email.utils
 import random
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
@@ -34,10 +39,23 @@ from nimbus.exceptions import (
     ModelHTTPError,
     ModelResponseError,
 )
-from nimbus.models.http import HTTPError, HTTPPool, Response
+from nimbus.models.http import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    HTTPError,
+    HTTPPool,
+    Response,
+    ResponseTooLarge,
+)
+from nimbus.models.redact import Redactor, excerpt, redact_url, url_secrets
 
 #: Statuses worth another try: timeouts, conflicts, rate limits and server errors.
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+#: Of what an endpoint says in an error: how much is redacted, and how much of that is shown.
+ERROR_SCANNED_CHARS = 4096
+ERROR_SHOWN_CHARS = 300
+
+_E = TypeVar("_E", bound=ModelError)
 
 
 def to_wire(message: Message) -> dict[str, Any]:
@@ -119,15 +137,27 @@ def retry_delay(attempt: int, retry_after: str | None, base: float, cap: float) 
     return random.uniform(0, min(cap, base * (2**attempt)))
 
 
+def _error_message(error: Any) -> str:
+    """The message of an OpenAI error object (``{"message": ...}``), else the whole of it."""
+    message = error.get("message") if isinstance(error, dict) else error
+    if isinstance(message, str) and message:
+        return message
+    return orjson.dumps(error).decode() if error is not None else ""
+
+
 def _error_detail(body: bytes) -> str:
+    """What an error body says: its OpenAI error message, else its text (not yet redacted)."""
     try:
         data = orjson.loads(body)
-        message = data.get("error", {}).get("message") if isinstance(data, dict) else None
+    except orjson.JSONDecodeError:
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        message = data["error"].get("message")
         if isinstance(message, str) and message:
-            return message[:300]
-    except (orjson.JSONDecodeError, AttributeError):
-        pass
-    return body[:300].decode("utf-8", "replace").strip() or "(empty body)"
+            return message
+    # 4 bytes a character at most: enough to fill what is scanned
+    text = body[: ERROR_SCANNED_CHARS * 4].decode("utf-8", "replace").strip()
+    return text or "(empty body)"
 
 
 def _usage(data: Any) -> Usage:
@@ -151,18 +181,26 @@ class OpenAIModel(Model):
         backoff_base_s: float = 0.5,
         backoff_max_s: float = 8.0,
         max_connections: int = 1000,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
-        base = base_url.rstrip("/")
-        parts = urlsplit(base)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"model base URL must be an http(s) URL, got {base_url!r}")
+        parts = urlsplit(base_url)
+        try:
+            valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+            _ = parts.port  # raises ValueError for a port that is not a number or too large
+        except ValueError:
+            valid = False
+        if not valid:
+            raise ConfigError(
+                f"model base URL must be an http(s) URL, got {redact_url(base_url)!r}"
+            )
         self.model_name = model_name
         self.model_id = f"openai:{model_name}"
-        self.url = base + "/chat/completions"
-        self.path = (parts.path or "") + "/chat/completions"
-        if parts.query:
-            self.path += "?" + parts.query
+        path = parts.path.rstrip("/") + "/chat/completions"
+        self.path = f"{path}?{parts.query}" if parts.query else path
+        #: The endpoint's URL as shown in errors and logs: no credentials, query values ***.
+        self.url = redact_url(urlunsplit((parts.scheme, parts.netloc, path, parts.query, "")))
         self.endpoint = f"POST {self.url}"
+        self._redact = Redactor([api_key, *url_secrets(base_url)])
         headers = "Content-Type: application/json\r\nAccept: application/json\r\n"
         if api_key:
             headers += f"Authorization: Bearer {api_key}\r\n"
@@ -173,14 +211,16 @@ class OpenAIModel(Model):
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.max_connections = max_connections
+        self.max_response_bytes = max_response_bytes
         self._pool: HTTPPool | None = None
 
     def _client(self) -> HTTPPool:
         if self._pool is None:
             self._pool = HTTPPool(
-                self.url,
+                self.url,  # the pool needs only its scheme, host and port
                 max_connections=self.max_connections,
                 connect_timeout_s=self.connect_timeout_s,
+                max_response_bytes=self.max_response_bytes,
             )
         return self._pool
 
@@ -199,14 +239,29 @@ class OpenAIModel(Model):
     ) -> bytes:
         return chat_request(self.model_name, messages, tools, settings, stream)
 
+    def _error(self, kind: type[_E], message: str, **fields: Any) -> _E:
+        """An error of ``kind`` about this endpoint; ``message`` is redacted."""
+        return kind(self._redact(message), endpoint=self.endpoint, **fields)
+
+    def _shown(self, text: str) -> str:
+        """The start of ``text`` from the endpoint (or about it), redacted, to put in an error."""
+        return excerpt(self._redact(excerpt(text, ERROR_SCANNED_CHARS)), ERROR_SHOWN_CHARS)
+
+    def _too_large(self) -> ModelResponseError:
+        return self._error(
+            ModelResponseError,
+            f"{self.endpoint} answered more than {self.max_response_bytes} bytes "
+            "(the limit is NIMBUS_MODEL_MAX_RESPONSE_BYTES); the response was dropped",
+        )
+
     def _connection_error(self, tries: int, exc: BaseException) -> ModelConnectionError:
         reason = (
             f"timed out after {self.timeout_s:g}s" if isinstance(exc, TimeoutError) else str(exc)
         )
-        return ModelConnectionError(
+        return self._error(
+            ModelConnectionError,
             f"{self.endpoint} failed after {tries} {'try' if tries == 1 else 'tries'}: "
-            f"{reason or type(exc).__name__}",
-            endpoint=self.endpoint,
+            f"{self._shown(reason or type(exc).__name__)}",
         )
 
     async def _post(
@@ -225,6 +280,8 @@ class OpenAIModel(Model):
                             resp.body = b"".join([c async for c in chunks])
                     else:
                         resp, chunks = await pool.post(self.path, self._headers, body), None
+            except ResponseTooLarge:
+                raise self._too_large() from None  # not retried: it would be as large again
             except (HTTPError, TimeoutError) as exc:
                 if attempt >= self.max_retries:
                     raise self._connection_error(attempt + 1, exc) from None
@@ -232,10 +289,10 @@ class OpenAIModel(Model):
                 if resp.status == 200:
                     return resp, chunks
                 if resp.status not in RETRYABLE_STATUSES or attempt >= self.max_retries:
-                    detail = _error_detail(resp.body)
-                    raise ModelHTTPError(
+                    detail = self._shown(_error_detail(resp.body))
+                    raise self._error(
+                        ModelHTTPError,
                         f"{self.endpoint} answered {resp.status}: {detail}",
-                        endpoint=self.endpoint,
                         status=resp.status,
                         body=detail,
                     )
@@ -268,9 +325,10 @@ class OpenAIModel(Model):
                 choice.get("finish_reason"),
             )
         except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError) as exc:
-            raise ModelResponseError(
-                f"{self.endpoint} returned a malformed completion ({type(exc).__name__}: {exc})",
-                endpoint=self.endpoint,
+            raise self._error(
+                ModelResponseError,
+                f"{self.endpoint} returned a malformed completion "
+                f"({type(exc).__name__}: {self._shown(str(exc))})",
             ) from None
 
     async def stream(
@@ -294,10 +352,12 @@ class OpenAIModel(Model):
                     break
                 chunk = orjson.loads(line)
                 if chunk.get("error"):
-                    raise ModelHTTPError(
-                        f"{self.endpoint} reported an error mid-stream: {chunk['error']}",
-                        endpoint=self.endpoint,
+                    detail = self._shown(_error_message(chunk["error"]))
+                    raise self._error(
+                        ModelHTTPError,
+                        f"{self.endpoint} reported an error mid-stream: {detail}",
                         status=200,
+                        body=detail,
                     )
                 model_name = chunk.get("model") or model_name
                 if chunk.get("usage"):
@@ -314,24 +374,26 @@ class OpenAIModel(Model):
                         slot[1] += fn.get("name") or ""
                         slot[2] += fn.get("arguments") or ""
                     finish_reason = choice.get("finish_reason") or finish_reason
+        except ResponseTooLarge:
+            raise self._too_large() from None
         except (HTTPError, TimeoutError) as exc:
-            raise ModelConnectionError(
-                f"{self.endpoint}: the stream broke: "
-                f"{'timed out' if isinstance(exc, TimeoutError) else exc}",
-                endpoint=self.endpoint,
+            reason = "timed out" if isinstance(exc, TimeoutError) else self._shown(str(exc))
+            raise self._error(
+                ModelConnectionError, f"{self.endpoint}: the stream broke: {reason}"
             ) from None
         except ModelError:
             raise
         except (orjson.JSONDecodeError, TypeError, ValueError, AttributeError) as exc:
-            raise ModelResponseError(
-                f"{self.endpoint} streamed a malformed chunk ({exc})", endpoint=self.endpoint
+            raise self._error(
+                ModelResponseError,
+                f"{self.endpoint} streamed a malformed chunk ({self._shown(str(exc))})",
             ) from None
         finally:
             await chunks.aclose()  # type: ignore[attr-defined]
         if not done and finish_reason is None:
-            raise ModelResponseError(
+            raise self._error(
+                ModelResponseError,
                 f"{self.endpoint} ended the stream before the answer was complete",
-                endpoint=self.endpoint,
             )
         tool_calls = [
             ToolCall(slot[0] or f"call_{i}", slot[1], slot[2] or "{}")

@@ -26,20 +26,31 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, cast
 
 import orjson
 
-__all__ = ["MODEL_ID", "FakeOpenAIServer", "Fault", "main", "spawn_fake_server"]
+__all__ = ["ECHO_REQUEST", "MODEL_ID", "FakeOpenAIServer", "Fault", "main", "spawn_fake_server"]
 
 MODEL_ID = "fake-model"
 """The single model listed by ``GET /v1/models``."""
 
 Fault = tuple[int, Mapping[str, str], Any]
-"""An injected reply: ``(status, extra headers, body)``; body is JSON-able, bytes, str or None."""
+"""An injected reply: ``(status, extra headers, body)``; body is JSON-able, bytes, str, None
+(an OpenAI error body) or :data:`ECHO_REQUEST`."""
+
+
+class _EchoRequest:
+    def __repr__(self) -> str:
+        return "ECHO_REQUEST"
+
+
+ECHO_REQUEST: Any = _EchoRequest()
+"""A fault body: an OpenAI error body whose message echoes the request's line and headers
+(``Authorization`` included), as some proxies and misconfigured servers do."""
 
 _MAX_HEAD = 64 * 1024
 _CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
@@ -159,8 +170,11 @@ class FakeOpenAIServer:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
-    def dispatch(self, method: str, path: str, body: bytes) -> tuple[bytes, float]:
-        """Route one request; return the whole response and the delay before sending it."""
+    def dispatch(
+        self, method: str, path: str, body: bytes, head: Sequence[str] = ()
+    ) -> tuple[bytes, float]:
+        """Route one request (``head``: its request line and header lines, for
+        :data:`ECHO_REQUEST`); return the whole response and the delay before sending it."""
         path = path.partition("?")[0]
         if path in _MODEL_PATHS and method == "GET":
             return _response(200, _MODELS_BODY), 0.0
@@ -173,7 +187,7 @@ class FakeOpenAIServer:
             if self.record:
                 self.requests.append(req)
             if self.faults:
-                return self._fault(*self.faults.popleft()), 0.0
+                return self._fault(*self.faults.popleft(), request_head=head), 0.0
             try:
                 return self._chat(req), self.latency
             except _BadRequest as exc:
@@ -183,10 +197,15 @@ class FakeOpenAIServer:
         return _error(404, f"Unknown path: {method} {path}"), 0.0
 
     @staticmethod
-    def _fault(status: int, headers: Mapping[str, str], body: Any) -> bytes:
+    def _fault(
+        status: int, headers: Mapping[str, str], body: Any, request_head: Sequence[str] = ()
+    ) -> bytes:
         """Serialise an injected fault reply."""
         if body is None:
             return _error(status, f"Injected fault {status}", "server_error", **headers)
+        if body is ECHO_REQUEST:
+            message = f"Injected fault {status}; the request was: {' | '.join(request_head)}"
+            return _error(status, message, "server_error", **headers)
         if isinstance(body, str):
             body = body.encode()
         elif not isinstance(body, bytes | bytearray):
@@ -337,7 +356,7 @@ class _Connection(asyncio.Protocol):
                 return
             body = bytes(buf[end + 4 : total])
             del buf[:total]
-            resp, delay = self._srv.dispatch(request_line[0], request_line[1], body)
+            resp, delay = self._srv.dispatch(request_line[0], request_line[1], body, lines)
             self._send(resp, delay, close)
 
     def _send(self, resp: bytes, delay: float, close: bool) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -45,6 +46,11 @@ _PRIVATE = tuple(
 _CGNAT = ipaddress.IPv4Network("100.64.0.0/10")
 _SITE_LOCAL = ipaddress.IPv6Network("fec0::/10")
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+# A DNS name as getaddrinfo accepts it: labels of 1 to 63 letters, digits, "-" or "_" (IDNA
+# already applied by yarl), up to 253 characters in all. Anything else would fail only later,
+# some of it with exceptions that are not OSError (UnicodeError for a label over 63).
+_HOST_NAME = re.compile(r"[a-z0-9_-]{1,63}(?:\.[a-z0-9_-]{1,63})*\.?")
+_HOST_NAME_MAX = 253
 
 
 class FetchError(ToolError):
@@ -163,18 +169,40 @@ def _literal_ip(host: str) -> str | None:
         return None
 
 
+def _parse(url: str | URL) -> URL:
+    """``url`` parsed; :class:`FetchRefused` if it is malformed (its port included)."""
+    try:
+        parsed = url if isinstance(url, URL) else URL(url)
+        # Touch every part used later, so that a malformed one fails here.
+        _ = (parsed.scheme, parsed.raw_user, parsed.raw_password, parsed.raw_host, parsed.port)
+    except Exception:
+        # yarl answers malformed input with ValueError, TypeError, UnicodeError and, for some
+        # (``http://[::1]:18080@/``), IndexError: for untrusted input each means the same.
+        raise FetchRefused("refused: not a valid URL") from None
+    return parsed
+
+
+def _valid_host(host: str) -> bool:
+    """Whether ``host`` (a raw, lower-case URL host) is an IPv6 literal or a DNS name."""
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        return True
+    return len(host.rstrip(".")) <= _HOST_NAME_MAX and _HOST_NAME.fullmatch(host) is not None
+
+
 def check_url(url: str | URL, policy: FetchPolicy | None = None) -> URL:
     """Validate ``url`` without any network access and return it parsed.
 
-    Checks the scheme, credentials, host presence, blocked metadata names, the
-    allow-list and IP-literal hosts (every numeric form). Raises :class:`FetchRefused`.
+    Checks the form of the URL and its host, the scheme, credentials, host presence,
+    blocked metadata names, the allow-list and IP-literal hosts (every numeric form).
+    Raises :class:`FetchRefused`, and nothing else, whatever the string.
     """
     policy = policy or FetchPolicy()
-    try:
-        parsed = url if isinstance(url, URL) else URL(url)
-        host = parsed.raw_host
-    except (ValueError, TypeError):
-        raise FetchRefused("refused: not a valid URL") from None
+    parsed = _parse(url)
+    host = parsed.raw_host
     if parsed.scheme.lower() not in ("http", "https"):
         shown = parsed.scheme or "(none)"
         raise FetchRefused(f"refused: scheme {shown!r} is not allowed; use http:// or https://")
@@ -182,6 +210,8 @@ def check_url(url: str | URL, policy: FetchPolicy | None = None) -> URL:
         raise FetchRefused("refused: credentials in the URL (user:password@) are not allowed")
     if not host:
         raise FetchRefused("refused: the URL has no host")
+    if not _valid_host(host.lower()):
+        raise FetchRefused("refused: not a valid URL (malformed host)")
     name = host.lower().rstrip(".")
     if name in BLOCKED_HOSTNAMES:
         raise FetchRefused(f"refused: {name} is a cloud metadata host")
@@ -319,7 +349,7 @@ async def _fetch(
 def _redirect_target(current: URL, location: str, policy: FetchPolicy) -> URL:
     try:
         target = current.join(URL(location))
-    except (ValueError, TypeError):
+    except Exception:  # as in _parse: yarl's errors on malformed input are of many types
         raise FetchRefused("refused: the redirect Location is not a valid URL") from None
     try:
         return check_url(target, policy)

@@ -31,7 +31,7 @@ def check_model_id(model_id: str) -> tuple[str, str]:
     provider, sep, name = model_id.partition(":")
     if not sep or not name:
         raise ConfigError(
-            f"unknown model {model_id!r}: a model id looks like 'provider:name' (providers: "
+            f"unknown model {model_id!r}: a model id must look like 'provider:name' (providers: "
             f"{', '.join(PROVIDERS)}), e.g. 'local:smollm2' or 'openai:gpt-4o-mini'"
         )
     if provider not in PROVIDERS:

@@ -33,6 +33,7 @@ from nimbus.server.broker import RunBroker
 from nimbus.server.langgraph import input_messages, thread_messages, to_lg
 from nimbus.server.metrics import METRICS
 from nimbus.store.database import Database
+from nimbus.store.db import unavailable
 from nimbus.store.writer import StepWrite
 
 log = structlog.get_logger("nimbus.executor")
@@ -169,8 +170,8 @@ class RunExecution:
 
     Every run ends, whatever raises: :meth:`execute` writes the run's end (``error``, with a
     reason, when anything fails, from building the agent to writing a step) unless the run
-    was cancelled or its lease lost (then it is resumed or ended elsewhere). Nothing that can
-    fail happens in the constructor.
+    was cancelled, its lease lost or its database unreachable (then it is resumed or ended
+    elsewhere, or later). Nothing that can fail happens in the constructor.
     """
 
     def __init__(
@@ -297,6 +298,8 @@ class RunExecution:
                 await self.db.steps.write(self.step_write(self.state))
             raise
         except Exception as exc:
+            if unavailable(exc):
+                raise  # the database is away, not the run at fault: the worker decides
             error, reason = _failure(exc)
             await self.finish("error", error, reason)
             METRICS.of(METRICS.runs, "error").inc()

@@ -166,15 +166,12 @@ def _database(kind: str, postgres_url: str, workdir: Path) -> Iterator[str]:
 
 @contextlib.asynccontextmanager
 async def _target(
-    kind: str, postgres_url: str, workdir: Path, latency_s: float, env: dict[str, str]
+    url: str, workdir: Path, latency_s: float, env: dict[str, str]
 ) -> AsyncIterator[_Target]:
     async with FakeOpenAIServer(
         tool_arguments='{"expression": "6 * 7"}', latency=latency_s
     ) as fake:
-        with (
-            _database(kind, postgres_url, workdir) as url,
-            nimbus_server(url, fake.base_url, None, workdir, env=env) as server,
-        ):
+        with nimbus_server(url, fake.base_url, None, workdir, env=env) as server:
             async with aiohttp.ClientSession() as session:
                 keys = []
                 for tenant in ("attacker", "victim"):
@@ -348,8 +345,17 @@ async def _tool_fan_out(target: _Target, victim: _Victim, n: int) -> dict[str, A
     return {"statuses": statuses, "times": times, "grown": grown, "tools_run": tools_run}
 
 
+def _more_descriptors() -> None:
+    """Thousands of sockets on this side: this process's soft descriptor limit raised to its
+    hard one, once the server has started (it keeps the limit it was started with)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def _slow_heads(target: _Target, victim: _Victim, n: int) -> dict[str, Any]:
     """``n`` connections that each send half a request head and stall."""
+    _more_descriptors()
     host, port = target.server.url.removeprefix("http://").split(":")
     writers: list[asyncio.StreamWriter] = []
     opened = 0
@@ -379,6 +385,7 @@ async def _slow_heads(target: _Target, victim: _Victim, n: int) -> dict[str, Any
 
 async def _joins(target: _Target, victim: _Victim, n: int) -> dict[str, Any]:
     """``n`` concurrent joins of one run's stream (its model answers after a few seconds)."""
+    _more_descriptors()
     async with aiohttp.ClientSession() as session:
         assistant, thread = await _setup(session, target)
         _, body, _ = await _request(
@@ -440,11 +447,9 @@ def _refused(status: int) -> bool:
     return status >= 400
 
 
-async def _one(
-    name: str, kind: str, postgres_url: str, workdir: Path, victim_reads: int
-) -> FloodResult:
+async def _one(name: str, url: str, workdir: Path, victim_reads: int) -> FloodResult:
     what, flood, n, latency_s, env = FLOODS[name]
-    async with _target(kind, postgres_url, workdir, latency_s, env) as target:
+    async with _target(url, workdir, latency_s, env) as target:
         victim = _Victim(target)
         await victim.sample(20)  # warm-up
         before = _ms(await victim.sample(victim_reads), 0.5)
@@ -478,14 +483,13 @@ def bench_floods(
     victim_reads: int = 200,
     report: Callable[[FloodResult], None] | None = None,
 ) -> list[FloodResult]:
-    """Run ``floods`` one after another, each against a fresh server on ``database``."""
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    with contextlib.suppress(ValueError, OSError):  # thousands of sockets on this side too
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    """Run ``floods`` one after another, each against a fresh server on ``database``. Each
+    server starts with this process's descriptor limit (``ulimit -n``)."""
     results = []
     with tempfile.TemporaryDirectory(prefix="nimbus-floods-") as tmp:
         for name in floods:
-            result = asyncio.run(_one(name, database, postgres_url, Path(tmp), victim_reads))
+            with _database(database, postgres_url, Path(tmp)) as url:
+                result = asyncio.run(_one(name, url, Path(tmp), victim_reads))
             results.append(result)
             if report is not None:
                 report(result)

@@ -146,10 +146,41 @@ WITH x AS (
 )
 SELECT run_id, status FROM x
 """
+# A worker's liveness lock (nimbus.store.liveness): a session-level advisory lock keyed by
+# its id, which PostgreSQL releases the moment the worker's connection ends.
+_LIVENESS_KEY = "hashtextextended('nimbus.worker:' || {worker}, 0)"
+_TAKE_LIVENESS = f"SELECT pg_try_advisory_lock({_LIVENESS_KEY.format(worker='$1')})"
+# The workers that hold runs and are dead: their heartbeat expired (dead or stalled), or, when
+# the sweeper may trust a free lock ($2: see nimbus.store.liveness, the restart guard), their
+# liveness lock can be taken (the process died). The lock is tried in the transaction only
+# (released when the statement ends), never for the sweeper ($1) itself: its own session holds
+# its lock, and would take it again. The owners are found by skipping through the partial
+# index of held runs, one probe per owner: with nobody dead this costs a few index probes
+# per worker holding runs, whatever the number of runs.
+_DEAD_OWNERS = f"""
+WITH RECURSIVE owner AS (
+    (SELECT lease_owner AS id FROM runs WHERE lease_owner IS NOT NULL
+     ORDER BY lease_owner LIMIT 1)
+    UNION ALL
+    SELECT (SELECT r.lease_owner FROM runs r
+            WHERE r.lease_owner IS NOT NULL AND r.lease_owner > o.id
+            ORDER BY r.lease_owner LIMIT 1)
+    FROM owner o WHERE o.id IS NOT NULL
+)
+SELECT o.id FROM owner o
+WHERE o.id IS NOT NULL AND (
+    NOT EXISTS (SELECT 1 FROM workers w WHERE w.worker_id = o.id AND w.expires_at > now())
+    OR ($2 AND o.id <> $1 AND pg_try_advisory_xact_lock({_LIVENESS_KEY.format(worker="o.id")})))
+"""
+_SWEEP_DEAD = _RELEASE.format(
+    which=f"lease_owner IS NOT NULL AND lease_owner = ANY(ARRAY({_DEAD_OWNERS}))"
+)
+# The slow sweep, on the pool, trusts no lock ($2 false): expired heartbeats only, and the
+# running runs a version without leases left (a scan of every running run: not for the
+# frequent sweep).
 _SWEEP = _RELEASE.format(
-    which="(lease_owner IS NOT NULL AND NOT EXISTS (SELECT 1 FROM workers w"
-    " WHERE w.worker_id = runs.lease_owner AND w.expires_at > now()))"
-    " OR (status = 'running' AND lease_owner IS NULL)"  # left by a version without leases
+    which=f"(lease_owner IS NOT NULL AND lease_owner = ANY(ARRAY({_DEAD_OWNERS})))"
+    " OR (status = 'running' AND lease_owner IS NULL)"
 )
 _FORGET_WORKERS = """
 DELETE FROM workers w WHERE w.expires_at < now() - interval '1 day'
@@ -236,6 +267,31 @@ def _claimed(found: asyncpg.Record) -> tuple[dict[str, Any], dict[str, Any] | No
     return run, thread if thread_found else None
 
 
+# The statements here are key lookups and batch writes, one good plan each: plan them once
+# per connection, not at every execution. No JIT compilation: these statements run in
+# milliseconds, and compiling one (when a queue or a batch makes its estimated cost large)
+# took 150 ms of CPU.
+_SERVER_SETTINGS = {"plan_cache_mode": "force_generic_plan", "jit": "off"}
+
+
+async def take_liveness_lock(conn: asyncpg.Connection, worker: str) -> bool:
+    """Take ``worker``'s liveness lock for the life of ``conn``'s session; False when another
+    session holds it (an earlier connection of the same worker that the server has not yet
+    seen end)."""
+    return bool(await conn.fetchval(_TAKE_LIVENESS, worker))
+
+
+async def sweep_dead(
+    conn: asyncpg.Connection, sweeper: str, trust_locks: bool
+) -> list[tuple[str, str]]:
+    """Release the leases of dead workers: those whose heartbeat expired and, if
+    ``trust_locks``, those whose liveness lock is free (never ``sweeper``'s own, which
+    ``conn`` holds). Their running runs go back to the queue. Returns (run id, status now)
+    of each."""
+    rows = await conn.fetch(_SWEEP_DEAD, sweeper, trust_locks)
+    return [(r["run_id"], r["status"]) for r in rows]
+
+
 async def _keep_session(_conn: asyncpg.Connection) -> None:
     """Nothing to reset when a connection goes back to the pool: the statements here change
     no session state (an open transaction is still rolled back by asyncpg itself). asyncpg's
@@ -246,8 +302,8 @@ async def _keep_session(_conn: asyncpg.Connection) -> None:
 class PgHotPath:
     """The per-run statements on a pool of asyncpg connections."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self.pool = pool
+    def __init__(self, pool: asyncpg.Pool, url: str) -> None:
+        self.pool, self.url = pool, url
 
     @classmethod
     async def open(cls, url: str, size: int, session: dict[str, str] | None = None) -> PgHotPath:
@@ -260,17 +316,14 @@ class PgHotPath:
             init=_setup,
             reset=_keep_session,
             max_inactive_connection_lifetime=300,
-            # The statements here are key lookups and batch writes, one good plan each: plan
-            # them once per connection, not at every execution.
-            # No JIT compilation: these statements run in milliseconds, and compiling one
-            # (when a queue or a batch makes its estimated cost large) took 150 ms of CPU.
-            server_settings={
-                "plan_cache_mode": "force_generic_plan",
-                "jit": "off",
-                **(session or {}),
-            },
+            server_settings={**_SERVER_SETTINGS, **(session or {})},
         )
-        return cls(pool)
+        return cls(pool, dsn(url))
+
+    async def connect(self) -> asyncpg.Connection:
+        """A connection of its own, outside the pool, for a session that must outlive any
+        one statement (a worker's liveness lock, :mod:`nimbus.store.liveness`)."""
+        return await asyncpg.connect(self.url, server_settings=_SERVER_SETTINGS)
 
     async def close(self) -> None:
         """Close every connection."""
@@ -342,9 +395,10 @@ class PgHotPath:
         return out
 
     async def sweep(self) -> list[tuple[str, str]]:
-        """Release the leases of workers that stopped renewing: their running runs go back to
-        the queue. Returns (run id, status now) of each."""
-        swept = [(r["run_id"], r["status"]) for r in await self.pool.fetch(_SWEEP)]
+        """Release the leases of workers that stopped renewing (their heartbeat expired):
+        their running runs go back to the queue. Returns (run id, status now) of each. The
+        frequent sweep, which also finds dead workers by their lock, is :func:`sweep_dead`."""
+        swept = [(r["run_id"], r["status"]) for r in await self.pool.fetch(_SWEEP, "", False)]
         await self.pool.execute(_FORGET_WORKERS)
         return swept
 

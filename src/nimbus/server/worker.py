@@ -13,9 +13,12 @@ table, and every worker with free slots claims the next runs (fair across tenant
 tenant, ``FOR UPDATE SKIP LOCKED``) when woken by a ``queued`` signal, when one of its runs
 ends, or every ``poll_s``. A claim is a lease, alive while the worker's heartbeat (a row of
 ``workers`` renewed every third of ``lease_s``) is; each step write carries the lease's
-fencing token; a worker that loses a lease stops that run without writing; the runs of a
-worker whose heartbeat expired are swept back into the queue by whichever worker looks
-first, and the next claim resumes each from its last stored step. See docs/architecture.md.
+fencing token; a worker that loses a lease stops that run without writing. Each worker also
+holds a liveness lock (:mod:`nimbus.store.liveness`) that PostgreSQL releases when its
+process dies; every ``SWEEP_INTERVAL_S`` the runs of a worker whose lock is free (it died)
+or whose heartbeat expired (it died or stalled) are swept back into the queue by whichever
+worker looks first, and the next claim resumes each from its last stored step. See
+docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from nimbus.server.feed import FeedPublisher
 from nimbus.server.metrics import METRICS
 from nimbus.store.database import Database
 from nimbus.store.db import unavailable
+from nimbus.store.liveness import SWEEP_INTERVAL_S, LivenessLock
 from nimbus.store.pg import UNCAPPED
 from nimbus.store.writer import StepWrite
 
@@ -97,6 +101,9 @@ class WorkerPool:
         self._wake = asyncio.Event()
         self._backlog = True  # runs may be waiting in the queue: look when a slot frees
         self._loops: list[asyncio.Task[None]] = []
+        self.liveness: LivenessLock | None = None  # PostgreSQL: see nimbus.store.liveness
+        self._sweeper: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self._renewed = time.monotonic()
         self._queues: dict[str, deque[str]] = {}  # per tenant, in submission order
         self._turn: deque[str] = deque()  # tenants with queued runs, next one first
@@ -121,10 +128,15 @@ class WorkerPool:
             assert self.db.fast is not None
             await self.db.fast.heartbeat(self.owner, self.lease_s)  # alive before any claim
             self._renewed = time.monotonic()
+            self.liveness = LivenessLock(self.db.fast, self.owner)
+            await self.liveness.start()  # before any claim too: a claim without it looks dead
             self._loops = [
                 asyncio.create_task(self._poll_loop(), name="nimbus-queue-poller"),
                 asyncio.create_task(self._lease_loop(), name="nimbus-lease-keeper"),
             ]
+            # Not cancelled at stop like the loops above: a statement cancelled halfway could
+            # leave the lock's connection unusable while the runs still finish (see stop).
+            self._sweeper = asyncio.create_task(self._sweep_loop(), name="nimbus-sweeper")
             return
         for run in await self.db.runs.unfinished():
             log.info("run.recovered", run_id=run["run_id"], status=run["status"])
@@ -147,9 +159,15 @@ class WorkerPool:
         count as taken)."""
         return (
             self._accepting
+            and self._alive()
             and len(self._tasks) + self._reserved < self.concurrency
             and self._running.get(tenant_id, 0) < self.tenant_max_running
         )
+
+    def _alive(self) -> bool:
+        """Whether runs may be claimed here: on PostgreSQL, only while this worker holds its
+        liveness lock (a run claimed without it would look dead to every sweeper)."""
+        return self.liveness is None or self.liveness.held
 
     def release(self, tenant_id: str) -> None:
         """Give back a slot of :meth:`reserve`."""
@@ -251,7 +269,7 @@ class WorkerPool:
         cap = self.tenant_max_running if self.tenant_max_running < self.concurrency else UNCAPPED
         last_claim = 0.0
         while self._accepting:
-            free = self.concurrency - len(self._tasks)
+            free = self.concurrency - len(self._tasks) if self._alive() else 0
             full_batch = False
             if free > 0:
                 last_claim = time.monotonic()
@@ -313,6 +331,9 @@ class WorkerPool:
                     if back:
                         log.info("worker.handed_back", runs=len(back))
                         self._announce_queued()
+                # The frequent sweep (_sweep_loop) finds dead workers sooner; this one, on the
+                # pool, goes on while the lock's connection is being taken again, and finds
+                # the running runs a version without leases left.
                 swept = await fast.sweep()
                 METRICS.queue_depth.set(await fast.pending())
             except Exception as exc:
@@ -321,10 +342,34 @@ class WorkerPool:
                     for run_id in held:  # expired by now: another worker may take them
                         self._lose(run_id)
                 continue
-            for run_id, status in swept:
-                log.warning("run.lease_expired", run_id=run_id, status=status)
-            if any(status == "pending" for _, status in swept):
-                self._announce_queued()
+            self._requeued(swept)
+
+    async def _sweep_loop(self) -> None:
+        """Every ``SWEEP_INTERVAL_S``, sweep the runs of dead workers (lock free or heartbeat
+        expired) back into the queue, on the connection of our liveness lock."""
+        assert self.liveness is not None
+        failures = 0
+        while self._accepting:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), SWEEP_INTERVAL_S)
+            if not self._accepting:
+                return
+            try:
+                swept = await self.liveness.sweep()
+            except Exception as exc:  # the lock's keeper reconnects; the next tick retries
+                if failures == 0:
+                    log.warning("worker.sweep_failed", error=str(exc))
+                failures += 1
+                continue
+            failures = 0
+            self._requeued(swept or [])
+
+    def _requeued(self, swept: list[tuple[str, str]]) -> None:
+        """Runs of dead workers were swept: log them, and wake the workers for them."""
+        for run_id, status in swept:
+            log.warning("run.swept", run_id=run_id, status=status)
+        if any(status == "pending" for _, status in swept):
+            self._announce_queued()
 
     def _lose(self, run_id: str) -> None:
         if run_id in self._held and run_id not in self._lost:
@@ -586,8 +631,12 @@ class WorkerPool:
         back to the queue for another worker (PostgreSQL)."""
         self._accepting = False  # queued runs stay pending in the database
         self._wake.set()
+        self._stopping.set()
         for loop in self._loops:
             loop.cancel()
+        if self._sweeper is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._sweeper
         running = [t for t in self._tasks.values() if not t.done()]
         if running:
             keeper = None
@@ -616,6 +665,8 @@ class WorkerPool:
         if self.shared and self.db.fast is not None:
             with contextlib.suppress(Exception):
                 await self.db.fast.retire(self.owner)  # anything left is swept at once
+        if self.liveness is not None:  # last: until now our runs were ours to finish
+            await self.liveness.close()
         for loop in self._loops:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await loop

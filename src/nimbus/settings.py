@@ -122,8 +122,9 @@ class Settings(BaseSettings):
         default=30.0,
         gt=0,
         description="PostgreSQL: how long a worker's claim on a run lasts unless renewed "
-        "(renewed every third of it). A worker that stops (crash, pause, partition) has its "
-        "runs taken over by another this long after its last renewal.",
+        "(renewed every third of it). A worker that stalls or is cut off has its runs taken "
+        "over by another this long after its last renewal; one whose process dies, within "
+        "about a second (its liveness lock is released with its connection).",
     )
     poll_s: float = Field(
         default=1.0,

@@ -110,13 +110,14 @@ def test_urls_name_the_services() -> None:
 
 
 def test_postgres_has_room_for_every_pool() -> None:
-    """Each process opens up to 3 x NIMBUS_DATABASE_POOL_SIZE connections (docs/server.md)."""
+    """Each process opens up to 3 x NIMBUS_DATABASE_POOL_SIZE connections, plus a listener and
+    a worker's liveness lock (docs/deployment.md)."""
     services = compose()["services"]
     command = services["postgres"]["command"]
     max_connections = int(command[command.index("-c") + 1].split("=")[1])
     env = compose_env(nimbus_services()["api"])
     processes = sum(s["deploy"]["replicas"] for s in nimbus_services().values())
-    assert processes * (3 * int(env["NIMBUS_DATABASE_POOL_SIZE"]) + 1) < max_connections
+    assert processes * (3 * int(env["NIMBUS_DATABASE_POOL_SIZE"]) + 2) < max_connections
 
 
 def test_no_default_admin_key() -> None:

@@ -139,23 +139,32 @@ def rebuild(stored: Mapping[str, Stored], wanted: Iterable[str]) -> dict[str, An
 
 
 def _chains() -> Select[Any]:
-    """The rows of ``starts`` and of their ancestors back to the nearest full ones: at most
-    :data:`SNAPSHOT_EVERY` key lookups per chain (``UNION`` visits a shared ancestor once)."""
+    """The rows of ``starts`` (checkpoints of one thread) and of their ancestors back to the
+    nearest full ones: at most :data:`SNAPSHOT_EVERY` key lookups per chain (``UNION``
+    visits a shared ancestor once).
+
+    Rows are looked up by key alone, their tenant and thread checked once found: a condition
+    on the thread in the lookups let PostgreSQL read each link through the thread's index,
+    every checkpoint of the thread at every link (on a table not analyzed yet, a thread looks
+    like one row)."""
     c = checkpoints
-    of_thread = (c.c.tenant_id == bindparam("tenant_id"), c.c.thread_id == bindparam("thread_id"))
     link = (
-        select(c.c.checkpoint_id, c.c.parent_id, c.c.kind)
-        .where(c.c.checkpoint_id.in_(bindparam("starts", expanding=True)), *of_thread)
+        select(c.c.checkpoint_id, c.c.parent_id, c.c.kind, c.c.tenant_id, c.c.thread_id)
+        .where(c.c.checkpoint_id.in_(bindparam("starts", expanding=True)))
         .cte("chain", recursive=True)
     )
     up = (
-        select(c.c.checkpoint_id, c.c.parent_id, c.c.kind)
+        select(c.c.checkpoint_id, c.c.parent_id, c.c.kind, c.c.tenant_id, c.c.thread_id)
         .join(link, c.c.checkpoint_id == link.c.parent_id)
-        .where(link.c.kind == "append", *of_thread)
+        .where(link.c.kind == "append")
     )
     link = link.union(up)
-    return select(c.c.checkpoint_id, c.c.parent_id, c.c.kind, c.c["values"]).join(
-        link, c.c.checkpoint_id == link.c.checkpoint_id
+    return (
+        select(c.c.checkpoint_id, c.c.parent_id, c.c.kind, c.c["values"])
+        .select_from(link.join(c, c.c.checkpoint_id == link.c.checkpoint_id))
+        .where(
+            link.c.tenant_id == bindparam("tenant_id"), link.c.thread_id == bindparam("thread_id")
+        )
     )
 
 

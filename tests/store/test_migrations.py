@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import orjson
 from sqlalchemy import Column, MetaData, PrimaryKeyConstraint, Table, inspect, text
 
 from nimbus.store import schema
@@ -71,5 +72,45 @@ async def test_ids_become_per_tenant_and_rows_survive(database_url: str) -> None
         theirs, created = await db.threads.create("b", thread_id="t-1", metadata={})
         assert created and theirs["tenant_id"] == "b"
         assert (await db.threads.get("a", "t-1") or {}).get("metadata") == {"owner": "a"}
+    finally:
+        await db.close()
+
+
+def _revision_0008() -> MetaData:
+    """The tables of revision 0008 (without indexes): checkpoints have no kind and no seq."""
+    old = MetaData()
+    added = {("checkpoints", "kind"), ("checkpoints", "seq")}
+    for table in schema.metadata.sorted_tables:
+        columns = [c._copy() for c in table.columns if (table.name, c.name) not in added]
+        Table(table.name, old, *columns)
+    return old
+
+
+async def test_checkpoints_of_revision_0008_stay_whole(database_url: str) -> None:
+    engine = create_engine(database_url)
+    stamp = datetime(2026, 12, 1, tzinfo=UTC)
+    values = {"messages": [{"type": "human", "content": "hi", "id": "m-0"}]}
+    async with engine.begin() as conn:
+        await conn.run_sync(_revision_0008().create_all)
+        await conn.execute(text("CREATE TABLE alembic_version (version_num VARCHAR(32))"))
+        await conn.execute(text("INSERT INTO alembic_version VALUES ('0008')"))
+        await conn.execute(
+            text(
+                "INSERT INTO checkpoints (checkpoint_id, tenant_id, thread_id, parent_id, "
+                'run_id, step, "values", metadata, next, created_at) '
+                "VALUES ('c-1', 'a', 't-1', NULL, NULL, 0, :values, '{}', '[]', :stamp)"
+            ),
+            {"values": orjson.dumps(values).decode(), "stamp": stamp},
+        )
+    await engine.dispose()
+
+    db = await Database.open(database_url)  # migrates to the newest revision
+    try:
+        async with db.engine.connect() as conn:
+            query = text("SELECT kind, seq FROM checkpoints WHERE checkpoint_id = 'c-1'")
+            stored = (await conn.execute(query)).one()
+        assert tuple(stored) == ("full", None)
+        found = await db.threads.checkpoint("a", "t-1", "c-1")
+        assert found is not None and found["values"] == values
     finally:
         await db.close()

@@ -505,3 +505,65 @@ def floods(
     )
     if json_output:
         sys.stdout.write(as_json(results).decode() + "\n")
+
+
+@bench_app.command("checkpoints")
+def checkpoints(
+    database: Annotated[str, typer.Option(help="sqlite or postgres.")] = "sqlite",
+    steps: Annotated[int, typer.Option(min=10, help="Steps of the one thread's run.")] = 1000,
+    message_bytes: Annotated[
+        int, typer.Option(min=1, help="Text of the tool result each step appends.")
+    ] = 500,
+    snapshot_every: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="A full checkpoint every N (default: the store's); 1 stores every checkpoint "
+            "whole, as before checkpoints were stored as what they add.",
+        ),
+    ] = None,
+    reads: Annotated[int, typer.Option(min=1, help="Timed repetitions of each read.")] = 30,
+    postgres_url: Annotated[
+        str | None,
+        typer.Option(help="PostgreSQL server for --database postgres (a fresh database)."),
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print figures as JSON.")] = False,
+) -> None:
+    """A thread's checkpoints as it grows: bytes per step, and reads at its last step."""
+    from nimbus.bench.checkpoints import Mark, as_json, bench_checkpoints
+    from nimbus.bench.processes import DEFAULT_POSTGRES_URL, check_postgres
+
+    if database not in ("sqlite", "postgres"):
+        raise UserError("--database must be sqlite or postgres")
+    pg_url = postgres_url or os.environ.get("NIMBUS_TEST_POSTGRES_URL") or DEFAULT_POSTGRES_URL
+    if database == "postgres":
+        check_postgres(pg_url)
+    console = Console(stderr=json_output, highlight=False, width=120)
+    console.print(
+        f"{'steps':>7}{'DB growth':>14}{'B/step':>10}{'checkpoints':>14}{'values':>14}"
+        f"{'write ms':>10}"
+    )
+
+    def report(m: Mark) -> None:
+        table = "-" if m.checkpoints_bytes is None else f"{m.checkpoints_bytes:,}"
+        console.print(
+            f"{m.steps:>7,}{m.db_bytes:>14,}{m.db_bytes_per_step:>10,.0f}{table:>14}"
+            f"{m.values_bytes:>14,}{m.write_ms:>10.2f}"
+        )
+
+    result = bench_checkpoints(
+        database=database,
+        postgres_url=pg_url,
+        steps=steps,
+        message_bytes=message_bytes,
+        snapshot_every=snapshot_every,
+        reads=reads,
+        report=report,
+    )
+    console.print(
+        f"{database}, a full checkpoint every {result.snapshot_every}; reads at step "
+        f"{steps:,} (median ms): "
+        + ", ".join(f"{name} {ms:.2f}" for name, ms in result.reads_ms.items())
+    )
+    if json_output:
+        sys.stdout.write(as_json(result).decode() + "\n")

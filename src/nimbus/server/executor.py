@@ -32,6 +32,7 @@ from nimbus.server.agents import AgentFactory, agent_settings, build_agent
 from nimbus.server.broker import RunBroker
 from nimbus.server.langgraph import input_messages, thread_messages, to_lg
 from nimbus.server.metrics import METRICS
+from nimbus.store.checkpoints import CheckpointChain
 from nimbus.store.database import Database
 from nimbus.store.db import unavailable
 from nimbus.store.writer import StepWrite
@@ -194,7 +195,8 @@ class RunExecution:
         kwargs = run["kwargs"] if isinstance(run.get("kwargs"), dict) else {}
         self.kwargs: dict[str, Any] = kwargs
         self.modes = stream_modes(kwargs)
-        self.parent: str | None = thread.get("checkpoint_id")  # the thread's newest checkpoint
+        # each checkpoint stored as what it adds to the one before (the thread's newest first)
+        self.chain = CheckpointChain(thread.get("checkpoint_id"), thread.get("values"))
         self.unsaved_final = False
         self.saved_any = False  # a step of this attempt was written
         self.lease_token: int = run.get("lease_token") or 0
@@ -336,8 +338,7 @@ class RunExecution:
             lease_token=self.lease_token,
         )
         if checkpoint:
-            write.values, write.parent_id = self.values(state), self.parent
-            self.parent = write.checkpoint_id
+            self.chain.extend(write, self.values(state))
         return write
 
     async def finish(self, status: str, error: str | None, reason: str | None) -> None:

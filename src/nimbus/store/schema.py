@@ -102,6 +102,10 @@ checkpoints = Table(
     Column("parent_id", Id, nullable=True),
     Column("run_id", Id, nullable=True),
     Column("step", Integer, nullable=False),
+    # "full": the values whole; "append": the messages appended to the parent's (see
+    # nimbus.store.checkpoints). seq: the place in its chain (NULL before revision 0009).
+    Column("kind", String(8), nullable=False, server_default="full"),
+    Column("seq", Integer, nullable=True),
     Column("values", JsonText, nullable=False),
     Column("metadata", Json, nullable=False),
     Column("next", JsonText, nullable=False),

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from nimbus.store.checkpoints import stored_kind
 from nimbus.store.common import ThreadBusy, new_id, now, pending_run
 from nimbus.store.db import dump_json, load_json
 from nimbus.store.sqlite import InLoopConnection
@@ -57,8 +58,10 @@ _END_RUN = (
 _SET_STATE = "UPDATE runs SET state = ?, updated_at = ? WHERE run_id = ?"
 _INSERT_CHECKPOINT = (
     "INSERT INTO checkpoints (checkpoint_id, tenant_id, thread_id, parent_id, run_id, step, "
-    '"values", metadata, next, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)'
+    'kind, seq, "values", metadata, next, created_at) '
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_CHECKPOINT_SEQ = "SELECT seq FROM checkpoints WHERE checkpoint_id = ?"
 _INSERT_EVENT = (
     "INSERT INTO run_events (run_id, tenant_id, seq, event, data) VALUES (?, ?, ?, ?, ?)"
 )
@@ -253,10 +256,11 @@ def _write_steps(conn: sqlite3.Connection, steps: list[StepWrite]) -> list[str |
     results: list[str | None] = [None] * len(steps)
     order = sorted(range(len(steps)), key=lambda i: (steps[i].tenant_id, steps[i].thread_id))
     ordered = [steps[i] for i in order]
+    values = {id(s): dump_json(s.values) for s in ordered if s.values is not None}
     conn.executemany(
         _SET_VALUES,
         [
-            (dump_json(s.values), s.checkpoint_id, text, s.tenant_id, s.thread_id)
+            (values[id(s)], s.checkpoint_id, text, s.tenant_id, s.thread_id)
             for s in ordered
             if s.values is not None and s.end is None
         ],
@@ -273,7 +277,7 @@ def _write_steps(conn: sqlite3.Connection, steps: list[StepWrite]) -> list[str |
             if s.values is None:
                 conn.execute(_END_THREAD, params)
             else:
-                params.update(values=dump_json(s.values), checkpoint=s.checkpoint_id)
+                params.update(values=values[id(s)], checkpoint=s.checkpoint_id)
                 conn.execute(_END_THREAD_VALUES, params)
     conn.executemany(
         _SET_STATE, [(dump_json(s.state), text, s.run_id) for s in ordered if s.end is None]
@@ -286,9 +290,12 @@ def _write_steps(conn: sqlite3.Connection, steps: list[StepWrite]) -> list[str |
             if ended is None:  # cancelled meanwhile: it stays interrupted
                 conn.execute(_SET_STATE, (state, text, s.run_id))
             results[i] = status if ended is not None else "interrupted"
-    conn.executemany(
-        _INSERT_CHECKPOINT,
-        [
+    rows: list[tuple[Any, ...]] = []
+    batch: set[str] = set()  # the checkpoints of this batch so far
+    for n, s in enumerate((s for s in ordered if s.values is not None), 1):
+        seq, parent_stored = _chain_place(conn, s, batch)
+        kind = stored_kind(seq, s.appended, parent_stored)
+        rows.append(
             (
                 s.checkpoint_id,
                 s.tenant_id,
@@ -296,14 +303,16 @@ def _write_steps(conn: sqlite3.Connection, steps: list[StepWrite]) -> list[str |
                 s.parent_id,
                 s.run_id,
                 s.step,
-                dump_json(s.values),
+                kind,
+                seq,
+                values[id(s)] if kind == "full" else dump_json({"messages": s.appended}),
                 dump_json({"run_id": s.run_id, "step": s.step, "source": "loop"}),
                 dump_json(s.next_nodes),
                 stamp_text(stamp + timedelta(microseconds=n)),  # the history's order
             )
-            for n, s in enumerate((s for s in ordered if s.values is not None), 1)
-        ],
-    )
+        )
+        batch.add(s.checkpoint_id)
+    conn.executemany(_INSERT_CHECKPOINT, rows)
     conn.executemany(
         _INSERT_EVENT,
         [
@@ -313,6 +322,21 @@ def _write_steps(conn: sqlite3.Connection, steps: list[StepWrite]) -> list[str |
         ],
     )
     return results
+
+
+def _chain_place(conn: sqlite3.Connection, s: StepWrite, batch: set[str]) -> tuple[int, bool]:
+    """A step's checkpoint's ``seq`` (its origin's plus its hops) and whether its parent is
+    stored (before, or earlier in this ``batch``); see
+    :class:`~nimbus.store.checkpoints.CheckpointChain`."""
+    origin = None
+    if s.origin_id is not None:
+        origin = conn.execute(_CHECKPOINT_SEQ, (s.origin_id,)).fetchone()
+    seq = (-1 if origin is None or origin[0] is None else origin[0]) + s.hops
+    if s.parent_id is None or s.appended is None:
+        return seq, False  # stored whole whatever its parent
+    if s.parent_id in batch or (s.parent_id == s.origin_id and origin is not None):
+        return seq, True
+    return seq, conn.execute(_CHECKPOINT_SEQ, (s.parent_id,)).fetchone() is not None
 
 
 def _queue_run(

@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import Connection, Select, bindparam, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from nimbus.store.checkpoints import appended, complete, messages_of, stored_kind
 from nimbus.store.common import JsonMatch, insert_new, new_id, now, row
 from nimbus.store.db import autocommit
 from nimbus.store.pg import PgHotPath
@@ -16,6 +17,8 @@ from nimbus.store.schema import checkpoints, run_attempts, run_events, runs, thr
 _GET = select(threads).where(
     threads.c.tenant_id == bindparam("tenant_id"), threads.c.thread_id == bindparam("thread_id")
 )
+# A checkpoint without its values (nor how they are stored).
+_WITHOUT_VALUES = [c for c in checkpoints.c if c.name not in ("values", "kind", "seq")]
 SORTABLE = {"thread_id", "status", "created_at", "updated_at"}
 STATUSES = {"idle", "busy", "interrupted", "error"}
 
@@ -226,19 +229,22 @@ class ThreadStore:
                 .mappings()
                 .all()
             )
+            # Rows are copied as stored: an append row still appends to its (renamed) parent.
             renamed = {h["checkpoint_id"]: new_id() for h in history}
             copy["checkpoint_id"] = renamed.get(source["checkpoint_id"])
             await conn.execute(threads.insert().values(**copy))
-            for h in history:
+            if history:
                 await conn.execute(
-                    checkpoints.insert().values(
-                        **{
+                    checkpoints.insert(),
+                    [
+                        {
                             **h,
                             "checkpoint_id": renamed[h["checkpoint_id"]],
                             "parent_id": renamed.get(h["parent_id"]),
                             "thread_id": copy["thread_id"],
                         }
-                    )
+                        for h in history
+                    ],
                 )
         return copy
 
@@ -255,12 +261,27 @@ class ThreadStore:
         next_nodes: list[str],
     ) -> str:
         """Append a checkpoint and make it the thread's current values (run steps are written
-        by :mod:`nimbus.store.writer`; this is for state updates through the API)."""
-        parent_id = await conn.scalar(
-            select(threads.c.checkpoint_id).where(
-                threads.c.tenant_id == tenant_id, threads.c.thread_id == thread_id
+        by :mod:`nimbus.store.writer`; this is for state updates through the API). It is
+        stored as the messages it appends when that is all it changes (see
+        :mod:`nimbus.store.checkpoints`)."""
+        current = (
+            await conn.execute(
+                select(threads.c.checkpoint_id, threads.c["values"]).where(
+                    threads.c.tenant_id == tenant_id, threads.c.thread_id == thread_id
+                )
             )
-        )
+        ).first()
+        parent_id, parent_values = current if current is not None else (None, None)
+        parent = None
+        if parent_id is not None:
+            parent = (
+                await conn.execute(
+                    select(checkpoints.c.seq).where(checkpoints.c.checkpoint_id == parent_id)
+                )
+            ).first()
+        seq = 0 if parent is None or parent.seq is None else parent.seq + 1
+        adds = appended(messages_of(parent_values), values)
+        kind = stored_kind(seq, adds, parent is not None)
         checkpoint_id = new_id()
         stamp = now()
         await conn.execute(
@@ -271,7 +292,9 @@ class ThreadStore:
                 parent_id=parent_id,
                 run_id=run_id,
                 step=step,
-                values=values,
+                kind=kind,
+                seq=seq,
+                values=values if kind == "full" else {"messages": adds},
                 metadata=metadata,
                 next=next_nodes,
                 created_at=stamp,
@@ -290,18 +313,24 @@ class ThreadStore:
         return checkpoint_id
 
     async def checkpoint(
-        self, tenant_id: str, thread_id: str, checkpoint_id: str
+        self, tenant_id: str, thread_id: str, checkpoint_id: str, *, values: bool = True
     ) -> dict[str, Any] | None:
-        """One checkpoint of a thread."""
+        """One checkpoint of a thread; without ``values`` when the caller has them (the
+        thread's current ones), which spares rebuilding them."""
+        columns = checkpoints.c if values else _WITHOUT_VALUES
         async with self.auto.connect() as conn:
             result = await conn.execute(
-                select(checkpoints).where(
+                select(*columns).where(
                     checkpoints.c.tenant_id == tenant_id,
                     checkpoints.c.thread_id == thread_id,
                     checkpoints.c.checkpoint_id == checkpoint_id,
                 )
             )
-            return row(result.mappings().first())
+            found = row(result.mappings().first())
+            if found is None or not values:
+                return found
+            await complete(conn, tenant_id, thread_id, [found])
+            return found
 
     async def history(
         self,
@@ -329,4 +358,6 @@ class ThreadStore:
                     query = query.where(checkpoints.c.created_at < stamp)
             query = query.order_by(checkpoints.c.created_at.desc(), checkpoints.c.step.desc())
             match = JsonMatch(self.engine.dialect.name, (checkpoints.c.metadata, metadata))
-            return await match.page(conn, query, limit, 0)
+            found = await match.page(conn, query, limit, 0)
+            await complete(conn, tenant_id, thread_id, found)
+            return found

@@ -22,6 +22,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nimbus.exceptions import LeaseLost
+from nimbus.store import checkpoints
 from nimbus.store.common import new_id, now
 from nimbus.store.db import dump_json, unavailable
 from nimbus.store.pg import PgHotPath
@@ -43,6 +44,12 @@ class StepWrite:
     state: Any  #: the run state (a JSON column value)
     values: dict[str, Any] | None = None  #: new thread values: a checkpoint is appended
     parent_id: str | None = None  #: the thread's checkpoint before this one
+    #: the checkpoint's place in its chain (see :class:`~nimbus.store.checkpoints.CheckpointChain`):
+    #: the messages it appends to its parent's (None: stored whole), and how many
+    #: checkpoints after ``origin_id`` (stored before this batch) it comes
+    appended: list[Any] | None = None
+    origin_id: str | None = None
+    hops: int = 1
     step: int = 0
     next_nodes: list[str] = field(default_factory=list)
     events: list[tuple[int, str, Any]] = field(default_factory=list)
@@ -167,12 +174,14 @@ _PG_STEPS = """
 WITH s AS (
     SELECT u.run_id, u.thread_id, u.tenant_id, u.state::json AS state, u.vals,
            u.checkpoint_id, u.parent_id, u.step, u.next::json AS next, u.end_status,
-           u.end_error, u.end_thread_status, u.ord
+           u.end_error, u.end_thread_status, u.ord, u.adds, u.origin_id, u.hops
     FROM unnest(
         $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-        $8::int[], $9::text[], $10::text[], $11::text[], $12::text[], $19::bigint[]
+        $8::int[], $9::text[], $10::text[], $11::text[], $12::text[], $19::bigint[],
+        $20::text[], $21::text[], $22::int[]
     ) WITH ORDINALITY AS u(run_id, thread_id, tenant_id, state, vals, checkpoint_id, parent_id,
-           step, next, end_status, end_error, end_thread_status, token, ord)
+           step, next, end_status, end_error, end_thread_status, token, adds, origin_id, hops,
+           ord)
     -- fencing: only the holder of the run's current lease writes; the lock keeps a sweep or
     -- a claim from changing the token before this statement is done
     JOIN runs r ON r.run_id = u.run_id AND r.lease_token = u.token
@@ -204,14 +213,31 @@ t AS (
     WHERE threads.tenant_id = l.tenant_id AND threads.thread_id = l.thread_id
     RETURNING threads.tenant_id, threads.thread_id, threads.status
 ),
+-- A checkpoint is stored as the messages it appends to its parent's (adds) or whole, by the
+-- rule of nimbus.store.checkpoints.stored_kind: seq is its origin's (stored before this
+-- statement) plus its hops; its parent is stored already or in this batch; $23 is
+-- SNAPSHOT_EVERY.
+k AS (
+    SELECT s.*, q.seq,
+           CASE WHEN s.adds IS NOT NULL AND q.seq % $23 <> 0
+                     AND (s.parent_id IN (SELECT b.checkpoint_id FROM s b WHERE b.vals IS NOT NULL)
+                          OR EXISTS (SELECT 1 FROM checkpoints p
+                                     WHERE p.checkpoint_id = s.parent_id))
+                THEN 'append' ELSE 'full' END AS kind
+    FROM s CROSS JOIN LATERAL (
+        SELECT coalesce((SELECT o.seq FROM checkpoints o WHERE o.checkpoint_id = s.origin_id),
+                        -1) + s.hops AS seq
+    ) q
+    WHERE s.vals IS NOT NULL
+),
 c AS (
     INSERT INTO checkpoints (checkpoint_id, tenant_id, thread_id, parent_id, run_id, step,
-                             "values", metadata, next, created_at)
-    SELECT s.checkpoint_id, s.tenant_id, s.thread_id, s.parent_id, s.run_id, s.step,
-           s.vals::json,
-           jsonb_build_object('run_id', s.run_id, 'step', s.step, 'source', 'loop'), s.next,
-           $13 + s.ord * interval '1 microsecond'  -- the history's order, within a batch too
-    FROM s WHERE s.vals IS NOT NULL
+                             kind, seq, "values", metadata, next, created_at)
+    SELECT k.checkpoint_id, k.tenant_id, k.thread_id, k.parent_id, k.run_id, k.step,
+           k.kind, k.seq, (CASE WHEN k.kind = 'append' THEN k.adds ELSE k.vals END)::json,
+           jsonb_build_object('run_id', k.run_id, 'step', k.step, 'source', 'loop'), k.next,
+           $13 + k.ord * interval '1 microsecond'  -- the history's order, within a batch too
+    FROM k
 ),
 e AS (
     INSERT INTO run_events (run_id, tenant_id, seq, event, data)
@@ -262,6 +288,10 @@ async def write_steps_pg(pg: asyncpg.Pool, steps: list[StepWrite]) -> list[str |
         [e[1] for _, e in events],
         [dump_json(e[2]) for _, e in events],
         [s.lease_token for s in steps],
+        [None if s.appended is None else dump_json({"messages": s.appended}) for s in steps],
+        [s.origin_id for s in steps],
+        [s.hops for s in steps],
+        checkpoints.SNAPSHOT_EVERY,
     )
     status = {r["run_id"]: r["status"] for r in rows}
     busy = {r["run_id"] for r in rows if r["thread_status"] == "busy"}

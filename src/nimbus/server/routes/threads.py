@@ -144,7 +144,7 @@ async def thread_state(thread_id: str, svc: Svc, caller: Caller) -> dict[str, An
     checkpoint = None
     if row["checkpoint_id"]:
         checkpoint = await svc.db.threads.checkpoint(
-            caller.tenant_id, thread_id, row["checkpoint_id"]
+            caller.tenant_id, thread_id, row["checkpoint_id"], values=False
         )
     return state(thread_id, checkpoint, row["values"])
 

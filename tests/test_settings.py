@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nimbus.cli.server import _bootstrap_admin
+from nimbus.adapters.cli.server import _bootstrap_admin
 from nimbus.settings import Settings
 
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from nimbus.cli.main import main
+from nimbus.adapters.cli.main import main
 
 sys.exit(main())

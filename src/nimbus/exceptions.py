@@ -47,7 +47,7 @@ class ModelError(NimbusError):
     """A model provider failed; ``endpoint`` names which one.
 
     Tenants read the message (a run's error, the OpenAI facade's 502): a provider builds it,
-    and ``endpoint``, without the operator's secrets (see :mod:`nimbus.models.redact`).
+    and ``endpoint``, without the operator's secrets (see :mod:`nimbus.adapters.llm.redact`).
     """
 
     def __init__(self, message: str, *, endpoint: str = "") -> None:

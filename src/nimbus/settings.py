@@ -151,7 +151,7 @@ class Settings(BaseSettings):
         default=None,
         description="If set, `http_fetch` may only fetch these hosts (and subdomains).",
     )
-    # Slow clients: connections and the time to send a request (see nimbus.server.connections)
+    # Slow clients: connections and the time to send a request (see nimbus.adapters.api.connections)
     max_connections: int = Field(
         default=10_000,
         ge=1,

@@ -4,7 +4,7 @@ mark and reads it. Behaviour only, never speed."""
 from __future__ import annotations
 
 from nimbus.bench.checkpoints import CheckpointsResult, bench_checkpoints
-from nimbus.store import checkpoints
+from nimbus.service import checkpoints
 
 
 def _bench(snapshot_every: int) -> CheckpointsResult:

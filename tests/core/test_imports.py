@@ -35,9 +35,9 @@ FORBIDDEN = [
     "redis",
     "typer",
     "rich",
-    "nimbus.models",
-    "nimbus.tools",
-    "nimbus.cli",
+    "nimbus.adapters.llm",
+    "nimbus.adapters.tools",
+    "nimbus.adapters.cli",
     "nimbus.testing",
     "nimbus.bench",
 ]
@@ -58,6 +58,6 @@ def test_core_imports_no_adapters() -> None:
 
 def test_the_check_detects_a_forbidden_import() -> None:
     """Guard against a vacuous test: importing an adapter is seen."""
-    code = "import sys, nimbus.models.openai; print('httptools' in sys.modules)"
+    code = "import sys, nimbus.adapters.llm.openai; print('httptools' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"

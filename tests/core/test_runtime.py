@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from nimbus.adapters.llm.test import FunctionModel, ScriptedModel, ScriptMismatch, Turn, echo
 from nimbus.core.agent import Agent, Limits
 from nimbus.core.checkpoint import InMemoryCheckpointStore
 from nimbus.core.events import (
@@ -30,7 +31,6 @@ from nimbus.core.messages import (
 from nimbus.core.runtime import resume, run, stream
 from nimbus.core.tool import Tool
 from nimbus.exceptions import ModelHTTPError, RunFailed, ToolError
-from nimbus.models.test import FunctionModel, ScriptedModel, ScriptMismatch, Turn, echo
 
 AGENT = Agent(name="t", instructions="be useful", model="test:scripted", tools=["add"])
 

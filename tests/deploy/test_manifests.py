@@ -215,7 +215,7 @@ def _hpa_metric_names() -> list[str]:
 @pytest.mark.parametrize("metric", _hpa_metric_names())
 def test_autoscaler_metrics_are_nimbus_metrics(metric: str) -> None:
     """The HPA scales on series the workers' /metrics really exports."""
-    from nimbus.server.metrics import METRICS
+    from nimbus.service.metrics import METRICS
 
     exported = {family.name for family in METRICS.registry.collect()}
     assert metric in exported, f"{metric} is not among Nimbus's metrics: {sorted(exported)}"
@@ -371,7 +371,7 @@ def test_command_line_is_accepted(where: str) -> None:
     for flag in (word.split("=")[0] for word in argv[1:] if word.startswith("--")):
         assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", result.stdout), flag
 
-    from nimbus.cli.main import app
+    from nimbus.adapters.cli.main import app
 
     group = get_command(app)  # Typer's click (vendored in recent Typer), not click's
     command = group.get_command(group.context_class(group), argv[0])  # type: ignore[attr-defined]

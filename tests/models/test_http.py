@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from nimbus.models.http import HTTPError, HTTPPool, ResponseTooLarge
+from nimbus.adapters.llm.http import HTTPError, HTTPPool, ResponseTooLarge
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

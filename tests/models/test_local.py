@@ -9,12 +9,18 @@ import sys
 
 import pytest
 
+from nimbus.adapters.llm.local import (
+    LocalModel,
+    model_path,
+    smollm2_path,
+    to_chat,
+    tool_call_schema,
+)
 from nimbus.core.agent import DEFAULT_INSTRUCTIONS
 from nimbus.core.messages import AssistantMessage, SystemMessage, ToolCall, UserMessage
 from nimbus.core.model import ModelResponse, ModelSettings, TextDelta, ToolSpec
 from nimbus.core.tool import Tool
 from nimbus.exceptions import ConfigError
-from nimbus.models.local import LocalModel, model_path, smollm2_path, to_chat, tool_call_schema
 
 pytestmark = pytest.mark.local_model
 

@@ -12,6 +12,10 @@ from typing import Any
 
 import pytest
 
+from nimbus.adapters.llm import openai as openai_module
+from nimbus.adapters.llm import resolve_model
+from nimbus.adapters.llm.openai import MAX_RETRY_AFTER_S, OpenAIModel, retry_delay
+from nimbus.adapters.tools.builtin import builtin_tools
 from nimbus.core.agent import Agent
 from nimbus.core.events import Event, TextDeltaEvent, ToolCallFinished
 from nimbus.core.messages import (
@@ -28,12 +32,8 @@ from nimbus.exceptions import (
     ModelHTTPError,
     ModelResponseError,
 )
-from nimbus.models import openai as openai_module
-from nimbus.models import resolve_model
-from nimbus.models.openai import MAX_RETRY_AFTER_S, OpenAIModel, retry_delay
 from nimbus.settings import Settings
 from nimbus.testing.fake_openai import MODEL_ID, FakeOpenAIServer
-from nimbus.tools.builtin import builtin_tools
 
 ARGS = '{"expression": "6 * 7"}'
 HELLO = [UserMessage("hello world")]

@@ -10,6 +10,8 @@ from urllib.parse import quote
 import orjson
 import pytest
 
+from nimbus.adapters.llm import resolve_model
+from nimbus.adapters.llm.openai import OpenAIModel, retry_delay
 from nimbus.core.messages import UserMessage
 from nimbus.core.model import ModelResponse, ModelSettings, ToolSpec
 from nimbus.exceptions import (
@@ -19,8 +21,6 @@ from nimbus.exceptions import (
     ModelHTTPError,
     ModelResponseError,
 )
-from nimbus.models import resolve_model
-from nimbus.models.openai import OpenAIModel, retry_delay
 from nimbus.settings import Settings
 from nimbus.testing.fake_openai import ECHO_REQUEST, FakeOpenAIServer
 

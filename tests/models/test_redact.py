@@ -1,4 +1,4 @@
-"""Redaction of the operator's secrets from model errors (nimbus.models.redact)."""
+"""Redaction of the operator's secrets from model errors (nimbus.adapters.llm.redact)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from urllib.parse import quote
 
 import pytest
 
-from nimbus.models.redact import FRAGMENT, Redactor, excerpt, redact_url, url_secrets
+from nimbus.adapters.llm.redact import FRAGMENT, Redactor, excerpt, redact_url, url_secrets
 
 KEY = "sk-operator-secret-0123456789abcdef"
 URL = "https://nimbus-user:pw-secret-123@models.example:8443/v1?api-key=qsecret-456&v=2024-02-01"

@@ -10,8 +10,8 @@ import itertools
 from langgraph_sdk import get_client
 from sqlalchemy import select
 
-from nimbus.store.database import Database
-from nimbus.store.schema import checkpoints
+from nimbus.adapters.store.database import Database
+from nimbus.adapters.store.schema import checkpoints
 from tests.server.cluster import agent
 from tests.server.conftest import LiveServer
 

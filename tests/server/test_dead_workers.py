@@ -1,7 +1,7 @@
 """Dead and stalled workers on real processes (PostgreSQL): a killed worker's runs resume on
 another within seconds, through its liveness lock, with the default 30 s lease; a paused one
 keeps its runs until its lease expires; and a database restart hands over no live worker's
-runs (the restart guard). See nimbus.store.liveness."""
+runs (the restart guard). See nimbus.adapters.store.liveness."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 from langgraph_sdk import get_client
 
-from nimbus.store.liveness import RESTART_GRACE_S
+from nimbus.adapters.store.liveness import RESTART_GRACE_S
 from tests.postgres import Cluster
 from tests.server.cluster import Deployment, agent, deployment
 from tests.server.conftest import ADMIN_KEY, LiveServer

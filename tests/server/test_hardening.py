@@ -357,7 +357,7 @@ async def test_a_thread_cannot_grow_past_its_cap(database_url: str, tmp_path: Pa
 @pytest.mark.parametrize("n", [1, 1000])
 def test_an_events_data_is_encoded_once_for_every_stream(n: int) -> None:
     """The broker encodes a live run's event once, whatever the number of streams."""
-    from nimbus.server.broker import RunBroker
+    from nimbus.service.broker import RunBroker
 
     broker = RunBroker()
     broker.open("r")

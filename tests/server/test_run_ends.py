@@ -16,16 +16,18 @@ from typing import Any
 
 import pytest
 
-from nimbus.models.openai import OpenAIModel
-from nimbus.server.agents import AgentFactory
-from nimbus.server.broker import RunBroker
-from nimbus.server.executor import RunCheckpoints, RunExecution
-from nimbus.server.worker import WorkerPool
+from nimbus.adapters.llm import ModelCatalog
+from nimbus.adapters.llm.openai import OpenAIModel
+from nimbus.adapters.store.database import Database
+from nimbus.adapters.store.writer import StepWriter
+from nimbus.adapters.tools.builtin import builtin_tools
+from nimbus.service.agents import AgentFactory
+from nimbus.service.broker import RunBroker
+from nimbus.service.executor import RunCheckpoints, RunExecution
+from nimbus.service.pool import worker_pool
+from nimbus.service.workers import Workers
 from nimbus.settings import Settings
-from nimbus.store.database import Database
-from nimbus.store.writer import StepWriter
 from nimbus.testing.fake_openai import FakeOpenAIServer
-from nimbus.tools.builtin import builtin_tools
 
 TENANT = "t1"
 # the fake endpoint asks for one calculator call, then answers: a step to write, a tool to run
@@ -35,7 +37,7 @@ CALC = {"configurable": {"model": "openai:fake-model", "tools": ["calculator"]}}
 @dataclass
 class Harness:
     db: Database
-    pool: WorkerPool
+    pool: Workers
 
     async def assistant(self, config: dict[str, Any] = CALC) -> str:
         row, _ = await self.db.assistants.create(
@@ -53,7 +55,7 @@ class Harness:
 
     async def run(self, assistant_id: str, thread_id: str) -> dict[str, Any]:
         """Queue a run, let the pool execute it, and return its row once it is over."""
-        run = await self.db.runs.create(
+        queued = await self.db.runs.create(
             TENANT,
             thread_id=thread_id,
             assistant_id=assistant_id,
@@ -65,8 +67,9 @@ class Harness:
             metadata={},
             multitask_strategy="reject",
         )
-        assert run is not None
-        self.pool.submit(run)
+        assert queued is not None
+        run = queued.run
+        self.pool.submit(queued)
         async with asyncio.timeout(30):
             while True:
                 row = await self.db.runs.get(TENANT, run["run_id"])
@@ -86,8 +89,17 @@ async def harness(database_url: str, fake_openai: FakeOpenAIServer) -> AsyncIter
         lease_ttl_s=3,
     )
     db = await Database.open(database_url)
-    pool = WorkerPool(
-        db, RunBroker(), AgentFactory(settings, builtin_tools(settings)), 8, lease_s=3, poll_s=0.05
+    pool = worker_pool(
+        db,
+        RunBroker(),
+        AgentFactory(
+            ModelCatalog(settings),
+            builtin_tools(settings),
+            max_thread_bytes=settings.max_thread_bytes,
+        ),
+        8,
+        lease_s=3,
+        poll_s=0.05,
     )
     await pool.start()
     try:
@@ -126,7 +138,7 @@ def _fail_ends(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 STAGES: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
-    "building the agent": lambda mp: mp.setattr("nimbus.server.executor.build_agent", _raise),
+    "building the agent": lambda mp: mp.setattr("nimbus.service.executor.build_agent", _raise),
     "resolving the model": lambda mp: mp.setattr(AgentFactory, "model", _raise),
     "resolving the tools": lambda mp: mp.setattr(AgentFactory, "tools_for", _raise),
     "calling the model": lambda mp: mp.setattr(OpenAIModel, "request", _raise_async),
@@ -165,7 +177,7 @@ async def test_a_stored_model_id_that_cannot_be_built_ends_the_run(harness: Harn
     async with harness.db.engine.begin() as conn:
         from sqlalchemy import update
 
-        from nimbus.store.schema import assistants
+        from nimbus.adapters.store.schema import assistants
 
         await conn.execute(
             update(assistants)

@@ -18,7 +18,7 @@ import httpx
 import orjson
 import pytest
 
-from nimbus.server.connections import connection_cap
+from nimbus.adapters.api.connections import connection_cap
 from nimbus.settings import Settings
 from nimbus.testing.fake_openai import FakeOpenAIServer
 from tests.server.conftest import LiveServer, live_server

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from nimbus.store.database import Database
+from nimbus.adapters.store.database import Database
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Checkpoints stored as what they add (see nimbus.store.checkpoints), on SQLite and on
+"""Checkpoints stored as what they add (see nimbus.adapters.store.checkpoints), on SQLite and on
 PostgreSQL: every checkpoint reads back as the values written, a replaced message makes a
 full one, history pages and copies see whole values, and storage grows linearly."""
 
@@ -10,13 +10,13 @@ from typing import Any
 import orjson
 from sqlalchemy import inspect, select, text
 
-from nimbus.store import checkpoints as scheme
-from nimbus.store.checkpoints import CheckpointChain
-from nimbus.store.database import Database
-from nimbus.store.db import MIGRATIONS, load_json
-from nimbus.store.schema import checkpoints
-from nimbus.store.threads import ThreadStore
-from nimbus.store.writer import StepWrite
+from nimbus.adapters.store.database import Database
+from nimbus.adapters.store.db import MIGRATIONS
+from nimbus.adapters.store.schema import checkpoints
+from nimbus.adapters.store.threads import ThreadStore
+from nimbus.records import StepWrite, load_json
+from nimbus.service import checkpoints as scheme
+from nimbus.service.checkpoints import CheckpointChain
 from tests.store.conftest import new_assistant
 
 TENANT = "t1"
@@ -58,7 +58,7 @@ class Writer:
 
     async def start_run(self) -> None:
         """Queue and claim a run; its chain starts at the thread's checkpoint, as read."""
-        run = await self.db.runs.create(
+        queued = await self.db.runs.create(
             TENANT,
             thread_id=self.thread_id,
             assistant_id=await new_assistant(self.db, TENANT),
@@ -66,7 +66,8 @@ class Writer:
             metadata={},
             multitask_strategy="enqueue",
         )
-        assert run is not None
+        assert queued is not None
+        run = queued.run
         claimed = await self.db.runs.claim(run["run_id"], "test-worker")
         assert claimed is not None and claimed[1] is not None
         self.run = claimed[0]

@@ -13,11 +13,11 @@ import pytest
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
+from nimbus.adapters.store.database import Database
+from nimbus.adapters.store.db import MIGRATIONS
+from nimbus.adapters.store.pg import PgHotPath
 from nimbus.exceptions import LeaseLost
-from nimbus.store.database import Database
-from nimbus.store.db import MIGRATIONS
-from nimbus.store.pg import PgHotPath
-from nimbus.store.writer import StepWrite
+from nimbus.records import StepWrite
 from tests.store.conftest import new_assistant
 
 
@@ -36,7 +36,7 @@ async def _queue(db: Database, tenant: str, thread_id: str | None = None) -> dic
     if thread_id is None:
         thread, _ = await db.threads.create(tenant, thread_id=None, metadata={})
         thread_id = thread["thread_id"]
-    run = await db.runs.create(
+    queued = await db.runs.create(
         tenant,
         thread_id=thread_id,
         assistant_id=await new_assistant(db, tenant),
@@ -44,7 +44,8 @@ async def _queue(db: Database, tenant: str, thread_id: str | None = None) -> dic
         metadata={},
         multitask_strategy="enqueue",
     )
-    assert run is not None
+    assert queued is not None
+    run = queued.run
     return run
 
 

@@ -13,10 +13,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from nimbus.store import liveness
-from nimbus.store.database import Database
-from nimbus.store.liveness import LivenessLock
-from nimbus.store.pg import PgHotPath, sweep_dead, take_liveness_lock
+from nimbus.adapters.store import liveness
+from nimbus.adapters.store.database import Database
+from nimbus.adapters.store.liveness import LivenessLock
+from nimbus.adapters.store.pg import PgHotPath, sweep_dead, take_liveness_lock
 from tests.store.conftest import new_assistant
 
 
@@ -50,7 +50,7 @@ async def _held_run(db: Database, worker: str) -> str:
     """A run claimed by ``worker``, whose heartbeat is alive for 30 s."""
     await _fast(db).heartbeat(worker, 30)
     thread, _ = await db.threads.create("t1", thread_id=None, metadata={})
-    run = await db.runs.create(
+    queued = await db.runs.create(
         "t1",
         thread_id=thread["thread_id"],
         assistant_id=await new_assistant(db, "t1"),
@@ -58,7 +58,9 @@ async def _held_run(db: Database, worker: str) -> str:
         metadata={},
         multitask_strategy="enqueue",
     )
-    assert run is not None and await db.runs.claim(run["run_id"], worker) is not None
+    assert queued is not None
+    run = queued.run
+    assert await db.runs.claim(run["run_id"], worker) is not None
     return str(run["run_id"])
 
 

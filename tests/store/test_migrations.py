@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 import orjson
 from sqlalchemy import Column, MetaData, PrimaryKeyConstraint, Table, inspect, text
 
-from nimbus.store import schema
-from nimbus.store.database import Database
-from nimbus.store.db import create_engine
+from nimbus.adapters.store import schema
+from nimbus.adapters.store.database import Database
+from nimbus.adapters.store.db import create_engine
 
 # Revision 0001 keyed threads and assistants by their id alone.
 OLD_KEYS = {

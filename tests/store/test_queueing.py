@@ -7,8 +7,8 @@ from typing import Any
 
 import orjson
 
-from nimbus.store.database import Database
-from nimbus.store.writer import StepWrite
+from nimbus.adapters.store.database import Database
+from nimbus.records import Queued, StepWrite
 from tests.store.conftest import new_assistant
 
 TENANT = "t1"
@@ -21,8 +21,8 @@ async def _thread_and_assistant(db: Database) -> tuple[str, str]:
 
 async def _queue(
     db: Database, thread_id: str, assistant_id: str, strategy: str, claim_as: str | None
-) -> dict[str, Any]:
-    run = await db.runs.create(
+) -> Queued:
+    queued = await db.runs.create(
         TENANT,
         thread_id=thread_id,
         assistant_id=assistant_id,
@@ -31,16 +31,18 @@ async def _queue(
         multitask_strategy=strategy,
         claim_as=claim_as,
     )
-    assert run is not None
-    return run
+    assert queued is not None
+    return queued
 
 
 async def test_a_run_that_may_start_is_claimed_as_it_is_queued(db: Database) -> None:
     thread_id, assistant_id = await _thread_and_assistant(db)
-    first = await _queue(db, thread_id, assistant_id, "enqueue", "worker-1")
+    queued = await _queue(db, thread_id, assistant_id, "enqueue", "worker-1")
+    first = queued.run
     assert first["status"] == "running" and first["attempts"] == 1
-    assert first["claimed_thread"]["thread_id"] == thread_id
-    assert first["claimed_thread"]["values"] == {}
+    assert queued.claimed and queued.thread is not None
+    assert queued.thread["thread_id"] == thread_id
+    assert queued.thread["values"] == {}
     stored = await db.runs.get(TENANT, first["run_id"])
     assert stored is not None
     assert (stored["status"], stored["attempts"], stored["kwargs"], stored["metadata"]) == (
@@ -68,17 +70,18 @@ async def test_a_run_that_may_start_is_claimed_as_it_is_queued(db: Database) -> 
 
     # the thread is busy now: the next run waits its turn, claimed by nobody
     second = await _queue(db, thread_id, assistant_id, "enqueue", "worker-1")
-    assert second["status"] == "pending" and "claimed_thread" not in second
-    stored = await db.runs.get(TENANT, second["run_id"])
+    assert second.run["status"] == "pending" and not second.claimed
+    stored = await db.runs.get(TENANT, second.run["run_id"])
     assert stored is not None and (stored["status"], stored["attempts"]) == ("pending", 0)
-    assert await db.runs.attempts(TENANT, second["run_id"]) == []
+    assert await db.runs.attempts(TENANT, second.run["run_id"]) == []
 
 
 async def test_a_run_interrupting_another_is_not_claimed_as_it_is_queued(db: Database) -> None:
     thread_id, assistant_id = await _thread_and_assistant(db)
-    first = await _queue(db, thread_id, assistant_id, "enqueue", "worker-1")
-    newer = await _queue(db, thread_id, assistant_id, "interrupt", "worker-1")
-    assert newer["interrupted_runs"] == [first["run_id"]]
+    first = (await _queue(db, thread_id, assistant_id, "enqueue", "worker-1")).run
+    queued = await _queue(db, thread_id, assistant_id, "interrupt", "worker-1")
+    newer = queued.run
+    assert queued.interrupted == [first["run_id"]]
     assert newer["status"] == "pending"  # the interrupted run still holds the thread
     stored = await db.runs.get(TENANT, first["run_id"])
     assert stored is not None and stored["status"] == "interrupted"
@@ -86,15 +89,16 @@ async def test_a_run_interrupting_another_is_not_claimed_as_it_is_queued(db: Dat
 
 async def test_without_a_reserved_slot_a_run_is_only_queued(db: Database) -> None:
     thread_id, assistant_id = await _thread_and_assistant(db)
-    run = await _queue(db, thread_id, assistant_id, "reject", None)
-    assert run["status"] == "pending" and "claimed_thread" not in run
+    queued = await _queue(db, thread_id, assistant_id, "reject", None)
+    run = queued.run
+    assert run["status"] == "pending" and not queued.claimed and queued.thread is None
     stored = await db.runs.get(TENANT, run["run_id"])
     assert stored is not None and (stored["status"], stored["attempts"]) == ("pending", 0)
 
 
 async def _queue_with_assistant(
     db: Database, tenant: str, thread_id: str, assistant_id: str, claim_as: str | None = None
-) -> tuple[dict[str, Any], dict[str, Any]] | None:
+) -> Queued | None:
     return await db.runs.create_with_assistant(
         tenant,
         thread_id=thread_id,
@@ -110,15 +114,16 @@ async def test_the_assistant_is_read_as_the_run_is_queued(db: Database) -> None:
     thread_id, assistant_id = await _thread_and_assistant(db)
     queued = await _queue_with_assistant(db, TENANT, thread_id, assistant_id, "worker-1")
     assert queued is not None
-    run, assistant = queued
+    run, assistant = queued.run, queued.assistant
     assert "assistant" not in run and run["status"] == "running"
-    assert run["claimed_thread"]["thread_id"] == thread_id
+    assert queued.claimed and queued.thread is not None
+    assert queued.thread["thread_id"] == thread_id
     # the row as the assistant store reads it, JSON columns parsed, timestamps aware
     assert assistant == await db.assistants.get(TENANT, assistant_id)
     stored = await db.runs.get(TENANT, run["run_id"])
     assert stored is not None and stored["assistant_id"] == assistant_id
     second = await _queue_with_assistant(db, TENANT, thread_id, assistant_id)
-    assert second is not None and second[0]["status"] == "pending"  # the first still runs
+    assert second is not None and second.run["status"] == "pending"  # the first still runs
 
 
 async def _named(db: Database, tenant: str, name: str) -> dict[str, Any]:
@@ -146,7 +151,7 @@ async def test_the_assistant_may_be_named_by_graph_or_by_name(db: Database) -> N
         assert await db.assistants.find(TENANT, name) == meant  # as the general path reads it
         queued = await _queue_with_assistant(db, TENANT, thread["thread_id"], name)
         assert queued is not None
-        run, assistant = queued
+        run, assistant = queued.run, queued.assistant
         assert assistant == meant
         assert run["assistant_id"] == meant["assistant_id"]
         stored = await db.runs.get(TENANT, run["run_id"])

@@ -6,8 +6,8 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
-from nimbus.store.database import Database
-from nimbus.store.sqlite import WalCheckpointer
+from nimbus.adapters.store.database import Database
+from nimbus.adapters.store.sqlite import WalCheckpointer
 
 
 def _autocheckpoint(conn: sqlite3.Connection) -> int:

@@ -8,8 +8,8 @@ from typing import Any
 
 import orjson
 
-from nimbus.store.database import Database
-from nimbus.store.writer import StepWrite
+from nimbus.adapters.store.database import Database
+from nimbus.records import StepWrite
 from tests.store.conftest import new_assistant
 
 TENANT = "t1"
@@ -17,7 +17,7 @@ TENANT = "t1"
 
 async def _queued_run(db: Database) -> dict[str, Any]:
     thread, _ = await db.threads.create(TENANT, thread_id=None, metadata={})
-    run = await db.runs.create(
+    queued = await db.runs.create(
         TENANT,
         thread_id=thread["thread_id"],
         assistant_id=await new_assistant(db, TENANT),
@@ -25,7 +25,8 @@ async def _queued_run(db: Database) -> dict[str, Any]:
         metadata={},
         multitask_strategy="enqueue",
     )
-    assert run is not None
+    assert queued is not None
+    run = queued.run
     return {"run_id": run["run_id"], "thread_id": thread["thread_id"]}
 
 
@@ -101,7 +102,7 @@ async def test_the_end_of_a_run_leaves_its_thread_busy_while_another_waits(
     db: Database,
 ) -> None:
     run = await _queued_run(db)
-    waiting = await db.runs.create(
+    queued = await db.runs.create(
         TENANT,
         thread_id=run["thread_id"],
         assistant_id=(await db.runs.get(TENANT, run["run_id"]) or {})["assistant_id"],
@@ -109,7 +110,7 @@ async def test_the_end_of_a_run_leaves_its_thread_busy_while_another_waits(
         metadata={},
         multitask_strategy="enqueue",
     )
-    assert waiting is not None
+    assert queued is not None  # waiting behind the run
     await _claim(db, run)
     final = await db.steps.write(_step(run, 1, end=("error", "boom", "error")))
     assert final == "error"

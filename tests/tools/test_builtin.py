@@ -9,10 +9,10 @@ from typing import Any
 import pydantic
 import pytest
 
+from nimbus.adapters.tools.builtin import builtin_tools
 from nimbus.core.tool import Tool, ToolRegistry
 from nimbus.exceptions import ConfigError, ToolError
 from nimbus.settings import Settings
-from nimbus.tools.builtin import builtin_tools
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ from datetime import datetime, timedelta
 
 import pytest
 
+from nimbus.adapters.tools.builtin import builtin_tools
 from nimbus.exceptions import ToolError
 from nimbus.settings import Settings
-from nimbus.tools.builtin import builtin_tools
 
 
 def test_registry_holds_the_builtins() -> None:

@@ -1,4 +1,4 @@
-"""Tests for nimbus.tools.calculator: results, precedence, functions, every refusal."""
+"""Tests for nimbus.adapters.tools.calculator: results, precedence, functions, every refusal."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from nimbus.exceptions import ToolError
-from nimbus.tools.calculator import (
+from nimbus.adapters.tools.calculator import (
     MAX_EXPRESSION_LENGTH,
     CalculatorError,
     calculate,
 )
+from nimbus.exceptions import ToolError
 
 
 @pytest.mark.parametrize(

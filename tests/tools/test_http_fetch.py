@@ -1,4 +1,4 @@
-"""Tests for nimbus.tools.http_fetch: address rules, URL rules, real loopback fetches."""
+"""Tests for nimbus.adapters.tools.http_fetch: address rules, URL rules, real loopback fetches."""
 
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from nimbus.exceptions import ToolError
-from nimbus.tools.http_fetch import (
+from nimbus.adapters.tools.http_fetch import (
     FetchError,
     FetchPolicy,
     FetchRefused,
@@ -26,6 +25,7 @@ from nimbus.tools.http_fetch import (
     check_url,
     fetch_url,
 )
+from nimbus.exceptions import ToolError
 
 LOCAL = FetchPolicy(allow_private=True)
 

@@ -3,7 +3,7 @@
 One run on one thread of a fresh database writes ``steps`` steps through the step writer, one
 at a time, as a run of the server does: each step appends one tool result (``message_bytes``
 of text) to the thread's messages, its checkpoint placed by a
-:class:`~nimbus.store.checkpoints.CheckpointChain`. At steps 10, 100, 1,000 (…): how much the
+:class:`~nimbus.service.checkpoints.CheckpointChain`. At steps 10, 100, 1,000 (…): how much the
 database grew since the thread was made, the bytes of the checkpoints table and of its
 ``values`` column, and the time of a step's write. At the end, the median time of the reads a
 client makes there: the thread's state (``GET /threads/{id}/state``), the state at its newest
@@ -30,11 +30,11 @@ from typing import Any
 import orjson
 from sqlalchemy import text
 
+from nimbus.adapters.store.database import Database
 from nimbus.bench.processes import fresh_postgres_database
-from nimbus.store import checkpoints
-from nimbus.store.checkpoints import CheckpointChain
-from nimbus.store.database import Database
-from nimbus.store.writer import StepWrite
+from nimbus.records import StepWrite
+from nimbus.service import checkpoints
+from nimbus.service.checkpoints import CheckpointChain
 
 TENANT = "bench"
 HISTORY_PAGE = 10
@@ -203,7 +203,7 @@ async def _write_thread(
         if_exists="raise",
     )
     thread, _ = await db.threads.create(TENANT, thread_id=None, metadata={})
-    run = await db.runs.create(
+    queued = await db.runs.create(
         TENANT,
         thread_id=thread["thread_id"],
         assistant_id=assistant["assistant_id"],
@@ -211,7 +211,8 @@ async def _write_thread(
         metadata={},
         multitask_strategy="enqueue",
     )
-    assert run is not None
+    assert queued is not None
+    run = queued.run
     claimed = await db.runs.claim(run["run_id"], "bench-worker")
     assert claimed is not None
     token = claimed[0].get("lease_token") or 0

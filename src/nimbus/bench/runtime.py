@@ -27,11 +27,11 @@ from typing import Any
 import aiohttp
 import orjson
 
+from nimbus.adapters.llm.openai import OpenAIModel
 from nimbus.aio import run_async
 from nimbus.core.agent import Agent, Limits
 from nimbus.core.runtime import run
 from nimbus.core.tool import Tool
-from nimbus.models.openai import OpenAIModel
 from nimbus.testing.fake_openai import spawn_fake_server
 
 PROMPT = "What is the weather in Paris?"

@@ -37,6 +37,8 @@ from typing import Any, Literal
 import aiohttp
 import orjson
 
+from nimbus.adapters.llm.openai import chat_request
+from nimbus.adapters.tools.builtin import builtin_tools
 from nimbus.aio import run_async
 from nimbus.bench.processes import (
     DEFAULT_POSTGRES_URL,
@@ -56,11 +58,9 @@ from nimbus.core.messages import (
     UserMessage,
 )
 from nimbus.core.model import ModelSettings
-from nimbus.models.openai import chat_request
-from nimbus.server.agents import agent_settings, build_agent
+from nimbus.service.agents import agent_settings, build_agent
 from nimbus.settings import Settings
 from nimbus.testing.fake_openai import spawn_fake_server
-from nimbus.tools.builtin import builtin_tools
 
 Mode = Literal["stream", "wait"]
 MODES: tuple[Mode, ...] = ("stream", "wait")
@@ -323,7 +323,7 @@ async def measure_floor(model_url: str, latency_s: float, runs: int = FLOOR_CALL
     with the tool's result), ``runs`` times in a row, from this process."""
     # The requests the server sends for a run of the bench's assistant: its agent, its
     # tools, its model settings, in the OpenAI adapter's wire format.
-    agent = build_agent("", agent_settings(ASSISTANT_CONFIG), Settings())
+    agent = build_agent("", agent_settings(ASSISTANT_CONFIG), Settings().default_model)
     tools = [t.spec for t in builtin_tools().resolve(agent.tools)]
     settings = ModelSettings(max_tokens=agent.limits.max_tokens, temperature=agent.temperature)
     first: list[Message] = [

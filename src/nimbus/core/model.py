@@ -9,6 +9,8 @@ from typing import Any
 
 from nimbus.core.messages import AssistantMessage, Message, Usage
 
+MAX_MODEL_ID = 200  #: the longest model id (``provider:name``) anything may name
+
 
 @dataclass(slots=True, frozen=True)
 class ToolSpec:

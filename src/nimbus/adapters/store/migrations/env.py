@@ -1,0 +1,14 @@
+"""Alembic environment: runs on the connection Nimbus hands over (see nimbus.adapters.store.db)."""
+
+from __future__ import annotations
+
+from alembic import context
+
+from nimbus.adapters.store.schema import metadata
+
+connection = context.config.attributes.get("connection")
+if connection is None:
+    raise RuntimeError("run migrations through nimbus.adapters.store.db.migrate()")
+context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
+with context.begin_transaction():
+    context.run_migrations()

@@ -10,6 +10,10 @@ NimbusError                      base: everything below carries context, none lo
 │   ├── ModelHTTPError           the endpoint answered with an error status
 │   ├── ModelConnectionError     the endpoint could not be reached / timed out
 │   └── ModelResponseError       the endpoint answered something we cannot parse
+├── Refused                      well-formed, but the state refuses it now (→ 409 / 429)
+│   ├── ThreadBusy               the thread has an active run (multitask_strategy reject)
+│   ├── IdempotencyConflict      an Idempotency-Key was used before with another request
+│   └── QueueFull                the tenant has as many runs waiting as it may
 ├── ToolError                    raised *by* a tool to tell the model what went wrong
 ├── RunFailed                    a run ended without a final answer (limit, timeout, errors)
 └── LeaseLost                    a worker's lease on a run was taken over: it may not write
@@ -71,6 +75,24 @@ class ModelConnectionError(ModelError):
 
 class ModelResponseError(ModelError):
     """The model endpoint answered something that is not a valid completion."""
+
+
+class Refused(NimbusError):
+    """A well-formed request that the state of things refuses now; ``args[0]`` names what
+    (the thread, the key, the tenant)."""
+
+
+class ThreadBusy(Refused):
+    """A run was refused because the thread already has an active run."""
+
+
+class IdempotencyConflict(Refused):
+    """An Idempotency-Key was used before with another request."""
+
+
+class QueueFull(Refused):
+    """A run was refused: its tenant has as many runs waiting as it may (see
+    :mod:`nimbus.adapters.store.quota`)."""
 
 
 class ToolError(NimbusError):

@@ -11,7 +11,7 @@ import orjson
 from sqlalchemy import inspect, select, text
 
 from nimbus.adapters.store.database import Database
-from nimbus.adapters.store.db import MIGRATIONS
+from nimbus.adapters.store.engine import MIGRATIONS
 from nimbus.adapters.store.schema import checkpoints
 from nimbus.adapters.store.threads import ThreadStore
 from nimbus.records import StepWrite, load_json

@@ -14,8 +14,8 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 
 from nimbus.adapters.store.database import Database
-from nimbus.adapters.store.db import MIGRATIONS
-from nimbus.adapters.store.pg import PgHotPath
+from nimbus.adapters.store.engine import MIGRATIONS
+from nimbus.adapters.store.postgres_runs import PostgresRuns
 from nimbus.exceptions import LeaseLost
 from nimbus.records import StepWrite
 from tests.store.conftest import new_assistant
@@ -27,9 +27,9 @@ def database_url(postgres_url: str) -> str:
     return postgres_url
 
 
-def _fast(db: Database) -> PgHotPath:
-    assert db.fast is not None
-    return db.fast
+def _fast(db: Database) -> PostgresRuns:
+    assert db.pg_runs is not None
+    return db.pg_runs
 
 
 async def _queue(db: Database, tenant: str, thread_id: str | None = None) -> dict[str, Any]:

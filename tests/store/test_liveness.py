@@ -16,7 +16,7 @@ import pytest
 from nimbus.adapters.store import liveness
 from nimbus.adapters.store.database import Database
 from nimbus.adapters.store.liveness import LivenessLock
-from nimbus.adapters.store.pg import PgHotPath, sweep_dead, take_liveness_lock
+from nimbus.adapters.store.postgres_runs import PostgresRuns, sweep_dead, take_liveness_lock
 from tests.store.conftest import new_assistant
 
 
@@ -26,9 +26,9 @@ def database_url(postgres_url: str) -> str:
     return postgres_url
 
 
-def _fast(db: Database) -> PgHotPath:
-    assert db.fast is not None
-    return db.fast
+def _fast(db: Database) -> PostgresRuns:
+    assert db.pg_runs is not None
+    return db.pg_runs
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from sqlalchemy import Column, MetaData, PrimaryKeyConstraint, Table, inspect, t
 
 from nimbus.adapters.store import schema
 from nimbus.adapters.store.database import Database
-from nimbus.adapters.store.db import create_engine
+from nimbus.adapters.store.engine import create_engine
 
 # Revision 0001 keyed threads and assistants by their id alone.
 OLD_KEYS = {

@@ -53,7 +53,7 @@ async def test_a_run_that_may_start_is_claimed_as_it_is_queued(db: Database) -> 
     )
     assert stored["created_at"] == first["created_at"]
     assert [a["attempt"] for a in await db.runs.attempts(TENANT, first["run_id"])] == [1]
-    if db.fast is not None:  # a lease: its steps write with its token
+    if db.pg_runs is not None:  # a lease: its steps write with its token
         assert (stored["lease_owner"], stored["lease_token"]) == ("worker-1", 1)
     thread = await db.threads.get(TENANT, thread_id)
     assert thread is not None and thread["status"] == "busy"

@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 
 from nimbus.adapters.store.database import Database
-from nimbus.adapters.store.sqlite import WalCheckpointer
+from nimbus.adapters.store.sqlite_connection import WalCheckpointer
 
 
 def _autocheckpoint(conn: sqlite3.Connection) -> int:
@@ -17,10 +17,10 @@ def _autocheckpoint(conn: sqlite3.Connection) -> int:
 async def test_every_connection_leaves_checkpoints_to_the_thread(tmp_path: Path) -> None:
     db = await Database.open(f"sqlite:///{tmp_path}/nimbus.db")
     try:
-        assert db.lite is not None and db.checkpointer is not None
-        assert await db.lite.use(_autocheckpoint) == WalCheckpointer.BACKSTOP_PAGES
+        assert db.sqlite_runs is not None and db.checkpointer is not None
+        assert await db.sqlite_runs.use(_autocheckpoint) == WalCheckpointer.BACKSTOP_PAGES
         await db.engine.dispose()  # the pool's connection is replaced by a new one
-        assert await db.lite.use(_autocheckpoint) == WalCheckpointer.BACKSTOP_PAGES
+        assert await db.sqlite_runs.use(_autocheckpoint) == WalCheckpointer.BACKSTOP_PAGES
         await db.threads.create("t", thread_id=None, metadata={})
         for _ in range(100):
             if db.checkpointer.checkpoints:

@@ -22,7 +22,7 @@ import asyncpg
 import orjson
 import structlog
 
-from nimbus.adapters.store.pg import dsn
+from nimbus.adapters.store.database import Database
 
 log = structlog.get_logger("nimbus.bus")
 Handler = Callable[[dict[str, Any]], None]
@@ -144,9 +144,9 @@ class PgBus(Bus):
 
     max_payload = 7900  # PostgreSQL's limit is 8000 bytes per notification
 
-    def __init__(self, url: str, pool: asyncpg.Pool) -> None:
+    def __init__(self, dsn: str, pool: asyncpg.Pool) -> None:
         super().__init__()
-        self.url = dsn(url)
+        self.url = dsn
         self.pool = pool
         self._conn: asyncpg.Connection | None = None
         self._names: dict[str, str] = {}  # PostgreSQL channel → ours
@@ -286,3 +286,13 @@ class RedisBus(Bus):
                 with contextlib.suppress(Exception):
                     close: Callable[[], Awaitable[object]] = pubsub.aclose  # see __init__
                     await close()
+
+
+def open_bus(db: Database, redis_url: str | None) -> Bus | None:
+    """The signals between the processes that share ``db``: Redis if configured, else
+    PostgreSQL's LISTEN/NOTIFY on the database's own pool; none for SQLite (one process)."""
+    if db.pg_runs is None:
+        return None
+    if redis_url:
+        return RedisBus(redis_url)
+    return PgBus(db.pg_runs.url, db.pg_runs.pool)

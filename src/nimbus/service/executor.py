@@ -93,27 +93,27 @@ class RunCheckpoints:
     """
 
     def __init__(self, executor: RunExecution) -> None:
-        self.x = executor
+        self.execution = executor
         self.unsafe: frozenset[str] = frozenset()  #: the run's tools that are not idempotent
         self.inflight: list[asyncio.Future[str | None]] = []
 
     async def save(self, state: RunState) -> None:
-        x = self.x
+        run = self.execution
         if state.status != "running":
-            x.unsaved_final = True
+            run.unsaved_final = True
             return
         unsafe_next = bool(self.unsafe) and _calls_unsafe(state.messages, self.unsafe)
-        if x.durability == "exit" and not unsafe_next:
-            x.unsaved_final = True  # the end writes the last state as a checkpoint
+        if run.durability == "exit" and not unsafe_next:
+            run.unsaved_final = True  # the end writes the last state as a checkpoint
             return
         self._check()
         if len(self.inflight) >= MAX_INFLIGHT_STEPS:  # the writer is behind: wait for it
             await self.flush()
-        written = x.db.steps.submit(x.step_write(state))
+        written = run.db.steps.submit(run.step_write(state))
         written.add_done_callback(_retrieve)
         self.inflight.append(written)
-        x.saved_any = True
-        if x.durability == "sync" or unsafe_next:
+        run.saved_any = True
+        if run.durability == "sync" or unsafe_next:
             await self.flush()
 
     def _check(self) -> None:
@@ -128,7 +128,7 @@ class RunCheckpoints:
             self._check()
 
     async def load(self, run_id: str) -> RunState | None:
-        run = await self.x.db.runs.get_any(run_id)
+        run = await self.execution.db.runs.get_any(run_id)
         return _state_from(run["state"]) if run and run.get("state") else None
 
 

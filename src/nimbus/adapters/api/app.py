@@ -7,7 +7,7 @@ import asyncio
 import gc
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -22,7 +22,7 @@ from nimbus.adapters.api import errors
 from nimbus.adapters.api.deps import Services
 from nimbus.adapters.api.routes import assistants, openai, runs, store, system, threads
 from nimbus.adapters.api.streams import TenantStreams
-from nimbus.adapters.bus import Bus, PgBus, RedisBus
+from nimbus.adapters.bus import open_bus
 from nimbus.adapters.llm import ModelCatalog
 from nimbus.adapters.store.database import Database
 from nimbus.adapters.store.keys import OPERATOR_TENANT
@@ -172,22 +172,38 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
 
 
-def _bus(settings: Settings, db: Database) -> Bus | None:
-    """The signals between processes: Redis if configured, else PostgreSQL's LISTEN/NOTIFY;
-    none for SQLite (one process)."""
-    if db.fast is None:
-        return None
-    if settings.redis_url:
-        return RedisBus(settings.redis_url)
-    return PgBus(settings.database_url, db.fast.pool)
+async def _admin_key(
+    settings: Settings, db: Database, on_admin_key: Callable[[str | None], None] | None
+) -> None:
+    """The operator's admin key, on the database as the server opened it: ``NIMBUS_ADMIN_KEY``
+    stored if set; else, with ``on_admin_key``, a new key when the operator tenant has no
+    active admin key (a first start), handed to it once (None: one exists)."""
+    if settings.admin_key is not None:
+        await db.keys.ensure(
+            settings.admin_key.get_secret_value(), OPERATOR_TENANT, "admin", "NIMBUS_ADMIN_KEY"
+        )
+        return
+    if on_admin_key is None:
+        return
+    keys = await db.keys.all(OPERATOR_TENANT)
+    if any(k.scope == "admin" and not k.revoked_at for k in keys):
+        on_admin_key(None)
+        return
+    key, _ = await db.keys.create(OPERATOR_TENANT, "admin", "bootstrap")
+    on_admin_key(key)
 
 
 def create_app(
-    settings: Settings | None = None, *, workers: bool = True, api: bool = True
+    settings: Settings | None = None,
+    *,
+    workers: bool = True,
+    api: bool = True,
+    on_admin_key: Callable[[str | None], None] | None = None,
 ) -> FastAPI:
     """The Nimbus ASGI app for ``settings``: the API with in-process workers (the default),
     the API only (``workers=False``: ``nimbus serve --api-only``), or workers with only the
-    system endpoints (``api=False``: ``nimbus worker``)."""
+    system endpoints (``api=False``: ``nimbus worker``). ``on_admin_key``: see
+    :func:`_admin_key` (``nimbus serve`` prints what it is given)."""
     settings = settings or Settings()
     workers = workers and not settings.api_only
 
@@ -198,23 +214,21 @@ def create_app(
             pool_size=settings.database_pool_size,
             tenant_max_queued=settings.tenant_max_queued,
         )
-        if db.fast is None and not (api and workers):
+        if db.queue is None and not (api and workers):
             await db.close()
             raise ConfigError(
                 "API-only servers and separate workers need a database they can share: set "
                 "NIMBUS_DATABASE_URL to a PostgreSQL URL"
             )
-        if settings.admin_key is not None and api:
-            await db.keys.ensure(
-                settings.admin_key.get_secret_value(), OPERATOR_TENANT, "admin", "NIMBUS_ADMIN_KEY"
-            )
+        if api:
+            await _admin_key(settings, db, on_admin_key)
         broker = RunBroker()
         agents = AgentFactory(
             ModelCatalog(settings),
             builtin_tools(settings),
             max_thread_bytes=settings.max_thread_bytes,
         )
-        bus = _bus(settings, db)
+        bus = open_bus(db, settings.redis_url)
         if bus is not None:
             await bus.start()
         pool = worker_pool(

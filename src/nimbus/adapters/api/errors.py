@@ -13,9 +13,15 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nimbus.adapters.store.common import IdempotencyConflict, QueueFull, ThreadBusy
-from nimbus.adapters.store.db import unavailable
-from nimbus.exceptions import ConfigError, NotAllowed, UserError
+from nimbus.adapters.store.engine import unavailable
+from nimbus.exceptions import (
+    ConfigError,
+    IdempotencyConflict,
+    NotAllowed,
+    QueueFull,
+    ThreadBusy,
+    UserError,
+)
 
 log = structlog.get_logger("nimbus.adapters.api")
 

@@ -19,8 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nimbus.adapters.api.errors import APIError
-from nimbus.adapters.store.common import ThreadBusy
-from nimbus.exceptions import UserError
+from nimbus.exceptions import ThreadBusy, UserError
 
 ERROR_TYPES = {
     400: "invalid_request_error",

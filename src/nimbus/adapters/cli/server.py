@@ -8,11 +8,14 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from nimbus.settings import Settings
+
+if TYPE_CHECKING:
+    from nimbus.adapters.store.url import DatabaseURL
 
 serve_app = typer.Typer()
 keys_app = typer.Typer(
@@ -28,33 +31,24 @@ def _settings(database_url: str | None) -> Settings:
     return settings
 
 
-async def _bootstrap_admin(settings: Settings) -> str | None:
-    """An admin key to print: created when the operator tenant has no active admin key."""
-    from pydantic import SecretStr
+def _database(settings: Settings) -> DatabaseURL:
+    """The settings' database URL, parsed (a clear error when it is not one)."""
+    from nimbus.adapters.store.url import DatabaseURL
 
-    from nimbus.adapters.store.database import Database
-    from nimbus.adapters.store.db import in_memory
-    from nimbus.adapters.store.keys import OPERATOR_TENANT, new_key
+    return DatabaseURL.parse(settings.database_url)
 
-    if settings.admin_key is not None:
-        return None
-    if in_memory(settings.database_url):
-        # A database in memory lives in the server's process only: the server stores this
-        # key as it stores NIMBUS_ADMIN_KEY, at start.
-        key = new_key()
-        settings.admin_key = SecretStr(key)
-        return key
-    db = await Database.open(settings.database_url)
-    try:
-        keys = [
-            k for k in await db.keys.all(OPERATOR_TENANT) if k.scope == "admin" and not k.revoked_at
-        ]
-        if keys:
-            return None
-        key, _ = await db.keys.create(OPERATOR_TENANT, "admin", "bootstrap")
-        return key
-    finally:
-        await db.close()
+
+def _print_admin_key(key: str | None) -> None:
+    """What the server found at start: the admin key it made (the operator tenant had none),
+    or None: one exists already."""
+    if key:
+        print(f"Admin API key (shown once, keep it): {key}", file=sys.stderr)
+    else:
+        print(
+            "Admin key: the one printed at first start (or `nimbus keys create --tenant default "
+            "--scope admin`)",
+            file=sys.stderr,
+        )
 
 
 def serve(
@@ -85,27 +79,17 @@ def serve(
     if log_format:
         settings.log_format = log_format
     settings.api_only = settings.api_only or api_only
-    if settings.api_only and not settings.database_url.startswith("postgres"):
+    database = _database(settings)
+    if settings.api_only and not database.shared:
         raise UserError(
             "--api-only needs a database shared with the workers: set NIMBUS_DATABASE_URL "
             "(or --database-url) to a PostgreSQL URL"
         )
     configure_logging(settings.log_format)
-    new_key = asyncio.run(_bootstrap_admin(settings))
     url = f"http://{settings.host}:{settings.port}"
-    print(
-        f"Nimbus listening on {url} (database: {settings.database_url.split('@')[-1]})",
-        file=sys.stderr,
-    )
-    if new_key:
-        print(f"Admin API key (shown once, keep it): {new_key}", file=sys.stderr)
-    elif settings.admin_key is None:
-        print(
-            "Admin key: the one printed at first start (or `nimbus keys create --tenant default "
-            "--scope admin`)",
-            file=sys.stderr,
-        )
-    _serve(create_app(settings), settings.host, settings.port, settings)
+    print(f"Nimbus listening on {url} (database: {database.shown})", file=sys.stderr)
+    on_admin_key = None if settings.admin_key is not None else _print_admin_key
+    _serve(create_app(settings, on_admin_key=on_admin_key), settings.host, settings.port, settings)
 
 
 def worker(
@@ -126,7 +110,7 @@ def worker(
     from nimbus.exceptions import UserError
 
     settings = _settings(database_url)
-    if not settings.database_url.startswith("postgres"):
+    if not _database(settings).shared:
         raise UserError(
             "a worker needs the database shared with the API: set NIMBUS_DATABASE_URL (or "
             "--database-url) to a PostgreSQL URL"

@@ -9,10 +9,10 @@ from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nimbus.adapters.store.common import JsonMatch, insert_new, now, row
-from nimbus.adapters.store.db import autocommit
-from nimbus.adapters.store.pg import PgHotPath
+from nimbus.adapters.store.engine import autocommit
+from nimbus.adapters.store.postgres_runs import PostgresRuns
 from nimbus.adapters.store.schema import assistant_versions, assistants
-from nimbus.adapters.store.sqlite_fast import SqliteHotPath
+from nimbus.adapters.store.sqlite_runs import SqliteRuns
 from nimbus.records import Assistant, new_id
 
 SORTABLE = {"assistant_id", "graph_id", "name", "created_at", "updated_at"}
@@ -23,30 +23,33 @@ class AssistantStore:
     """Queries on assistants; every method is scoped by ``tenant_id``."""
 
     def __init__(
-        self, engine: AsyncEngine, fast: PgHotPath | None = None, lite: SqliteHotPath | None = None
+        self,
+        engine: AsyncEngine,
+        pg_runs: PostgresRuns | None = None,
+        sqlite_runs: SqliteRuns | None = None,
     ) -> None:
         self.engine = engine
         self.auto = autocommit(engine)
-        self.fast = fast
-        self.lite = lite
+        self.pg_runs = pg_runs
+        self.sqlite_runs = sqlite_runs
 
     async def get(self, tenant_id: str, assistant_id: str) -> Assistant | None:
         """One assistant, or None (also when it belongs to another tenant)."""
-        if self.fast is not None:
-            found = await self.fast.assistant(tenant_id, assistant_id)
+        if self.pg_runs is not None:
+            found = await self.pg_runs.assistant(tenant_id, assistant_id)
         else:
-            assert self.lite is not None, "a database is PostgreSQL or SQLite"
-            found = await self.lite.assistant(tenant_id, assistant_id)
+            assert self.sqlite_runs is not None, "a database is PostgreSQL or SQLite"
+            found = await self.sqlite_runs.assistant(tenant_id, assistant_id)
         return cast(Assistant | None, found)
 
     async def find(self, tenant_id: str, id_or_name: str) -> Assistant | None:
         """An assistant by id; else the first one made from the graph of that name; else the
         newest one with that name (PostgreSQL: in one round trip)."""
-        if self.fast is not None:
-            found = await self.fast.find_assistant(tenant_id, id_or_name)
+        if self.pg_runs is not None:
+            found = await self.pg_runs.find_assistant(tenant_id, id_or_name)
         else:
-            assert self.lite is not None, "a database is PostgreSQL or SQLite"
-            found = await self.lite.find_assistant(tenant_id, id_or_name)
+            assert self.sqlite_runs is not None, "a database is PostgreSQL or SQLite"
+            found = await self.sqlite_runs.find_assistant(tenant_id, id_or_name)
         return cast(Assistant | None, found)
 
     async def ensure_system(self, tenant_id: str, graph_id: str) -> Assistant:

@@ -31,19 +31,6 @@ _SQLITE_PATH_KEY = re.compile(r"[ !#-\[\]-~]{1,200}")
 _INT64 = 2**63
 
 
-class ThreadBusy(Exception):
-    """A run was refused because the thread already has an active run."""
-
-
-class QueueFull(Exception):
-    """A run was refused: its tenant has as many runs waiting as it may (see
-    :mod:`nimbus.adapters.store.quota`)."""
-
-
-class IdempotencyConflict(Exception):
-    """An Idempotency-Key was used before with another request."""
-
-
 def now() -> datetime:
     """The current time, timezone-aware UTC."""
     return datetime.now(UTC)

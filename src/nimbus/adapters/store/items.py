@@ -8,7 +8,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nimbus.adapters.store.common import matches, now, row
-from nimbus.adapters.store.db import autocommit
+from nimbus.adapters.store.engine import autocommit
 from nimbus.adapters.store.schema import store_items
 
 SEP = "\x1f"  # joins namespace parts; cannot appear in a label (checked at the API)

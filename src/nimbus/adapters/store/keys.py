@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from nimbus.adapters.store.db import autocommit
+from nimbus.adapters.store.engine import autocommit
 from nimbus.adapters.store.schema import api_keys
 
 Scope = Literal["admin", "read-write", "read-only"]

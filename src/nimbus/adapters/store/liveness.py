@@ -4,7 +4,8 @@ Each worker process holds a session-level advisory lock keyed by its id, on a co
 its own that stays open for the worker's life (not a pooled one: pooled connections are
 shared and reset). When the process dies, the kernel closes its sockets, the server ends its
 sessions and PostgreSQL releases the lock at once. The sweep of every other worker
-(:func:`nimbus.adapters.store.pg.sweep_dead`, every ``SWEEP_INTERVAL_S`` on this same connection)
+(:func:`nimbus.adapters.store.postgres_runs.sweep_dead`, every ``SWEEP_INTERVAL_S`` on this
+same connection)
 then finds the lock free and hands the dead worker's runs back to the queue: about a second
 from death to resumption, instead of the lease's TTL.
 
@@ -32,8 +33,8 @@ import time
 import asyncpg
 import structlog
 
-from nimbus.adapters.store.db import unavailable
-from nimbus.adapters.store.pg import PgHotPath, sweep_dead, take_liveness_lock
+from nimbus.adapters.store.engine import unavailable
+from nimbus.adapters.store.postgres_runs import PostgresRuns, sweep_dead, take_liveness_lock
 
 log = structlog.get_logger("nimbus.liveness")
 # Back-off between attempts to take the lock again; capped at 1 s, so that after a restart
@@ -47,8 +48,8 @@ class LivenessLock:
     """``worker``'s liveness lock, held on a connection of its own, taken again whenever that
     connection is lost; the sweep of dead workers runs on the same connection."""
 
-    def __init__(self, fast: PgHotPath, worker: str) -> None:
-        self.fast, self.worker = fast, worker
+    def __init__(self, pg_runs: PostgresRuns, worker: str) -> None:
+        self.pg_runs, self.worker = pg_runs, worker
         self._conn: asyncpg.Connection | None = None
         self._since = 0.0  # when the lock was taken on the current connection (monotonic)
         self._lost = asyncio.Event()
@@ -84,8 +85,9 @@ class LivenessLock:
 
     async def sweep(self) -> list[tuple[str, str]] | None:
         """Hand the runs of dead workers back to the queue (see
-        :func:`nimbus.adapters.store.pg.sweep_dead`); returns (run id, status now) of each, or None
-        when the lock is not held now (it is being taken again). One caller at a time."""
+        :func:`nimbus.adapters.store.postgres_runs.sweep_dead`); returns (run id, status now)
+        of each, or None when the lock is not held now (it is being taken again). One caller
+        at a time."""
         conn = self._conn
         if conn is None:
             return None
@@ -106,7 +108,7 @@ class LivenessLock:
         """Connect and take the lock; False when another session holds it. Raises when the
         database cannot be reached."""
         async with asyncio.timeout(STATEMENT_TIMEOUT_S):
-            conn = await self.fast.connect()
+            conn = await self.pg_runs.connect()
         try:
             async with asyncio.timeout(STATEMENT_TIMEOUT_S):
                 taken = await take_liveness_lock(conn, self.worker)

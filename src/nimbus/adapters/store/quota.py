@@ -12,7 +12,7 @@ every path that queues a run, on every replica, is held to it atomically:
 - SQLite: one connection per process, one transaction at a time; a TEMP trigger of that
   connection, with the cap written in.
 
-A refusal is :class:`~nimbus.adapters.store.common.QueueFull` (429 over HTTP).
+A refusal is :class:`~nimbus.exceptions.QueueFull` (429 over HTTP).
 A run claimed as it is
 queued (inserted ``running``) waits for nothing and is not counted.
 """

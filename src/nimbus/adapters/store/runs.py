@@ -10,21 +10,19 @@ from sqlalchemy import Connection, bindparam, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nimbus.adapters.store.common import (
-    IdempotencyConflict,
     JsonMatch,
-    QueueFull,
-    ThreadBusy,
     insert_new,
     now,
     pending_run,
     row,
 )
-from nimbus.adapters.store.db import autocommit
-from nimbus.adapters.store.pg import PgHotPath
+from nimbus.adapters.store.engine import autocommit
+from nimbus.adapters.store.postgres_runs import PostgresRuns
 from nimbus.adapters.store.quota import queue_full
 from nimbus.adapters.store.schema import idempotency_keys, run_attempts, run_events, runs, threads
-from nimbus.adapters.store.sqlite_fast import SqliteHotPath
+from nimbus.adapters.store.sqlite_runs import SqliteRuns
 from nimbus.adapters.store.threads import create_thread
+from nimbus.exceptions import IdempotencyConflict, QueueFull, ThreadBusy
 from nimbus.records import ClaimedRun, Queued, Run, new_id
 
 ACTIVE = ("pending", "running")
@@ -149,12 +147,15 @@ class RunStore:
     """Queries on runs and run events; every method is scoped by ``tenant_id``."""
 
     def __init__(
-        self, engine: AsyncEngine, fast: PgHotPath | None = None, lite: SqliteHotPath | None = None
+        self,
+        engine: AsyncEngine,
+        pg_runs: PostgresRuns | None = None,
+        sqlite_runs: SqliteRuns | None = None,
     ) -> None:
         self.engine = engine
         self.auto = autocommit(engine)
-        self.fast = fast
-        self.lite = lite
+        self.pg_runs = pg_runs
+        self.sqlite_runs = sqlite_runs
 
     async def create(
         self,
@@ -215,8 +216,8 @@ class RunStore:
         idempotency: tuple[str, str] | None,
         claim_as: str | None,
     ) -> Queued | None:
-        if self.fast is not None and thread_id is None and idempotency is None:
-            return await self.fast.queue_stateless_run(
+        if self.pg_runs is not None and thread_id is None and idempotency is None:
+            return await self.pg_runs.queue_stateless_run(
                 tenant_id,
                 assistant_id,
                 kwargs,
@@ -224,7 +225,7 @@ class RunStore:
                 multitask_strategy,
                 {"temporary": True} if temporary else {},
             )
-        hot = self.fast or self.lite
+        hot = self.pg_runs or self.sqlite_runs
         if hot is not None and thread_id is not None and idempotency is None:
             queued = await hot.queue_run(
                 tenant_id, thread_id, assistant_id, kwargs, metadata, multitask_strategy, claim_as
@@ -263,7 +264,7 @@ class RunStore:
         queued for that assistant's id. None, with nothing queued, when the thread or the
         assistant is missing (then :meth:`create` decides: it may create the thread, or a
         graph's system assistant)."""
-        hot = self.fast or self.lite
+        hot = self.pg_runs or self.sqlite_runs
         assert hot is not None, "a database is PostgreSQL or SQLite"
         with _refused_when_full(tenant_id):
             return await hot.queue_run(
@@ -281,8 +282,8 @@ class RunStore:
         self, tenant_id: str, run_id: str, thread_id: str | None = None
     ) -> dict[str, Any] | None:
         """One run (of the thread, if given), or None."""
-        if self.fast is not None and thread_id is None:
-            return await self.fast.run(tenant_id, run_id)
+        if self.pg_runs is not None and thread_id is None:
+            return await self.pg_runs.run(tenant_id, run_id)
         query = select(runs).where(runs.c.tenant_id == tenant_id, runs.c.run_id == run_id)
         if thread_id is not None:
             query = query.where(runs.c.thread_id == thread_id)
@@ -373,8 +374,8 @@ class RunStore:
         """Whether a run is over: not pending or running, and no worker holds it any more (a
         run cancelled from elsewhere is ``interrupted`` at once, but ends when its worker has
         written its end). A run that does not exist is over too."""
-        if self.fast is not None:
-            state = await self.fast.run_state(run_id)
+        if self.pg_runs is not None:
+            state = await self.pg_runs.run_state(run_id)
             return state is None or (state[0] not in ACTIVE and state[1] is None)
         async with self.auto.connect() as conn:
             found = (
@@ -406,10 +407,10 @@ class RunStore:
         On PostgreSQL the claim is a lease for ``owner`` (a worker, alive while its heartbeat
         is), and the run's ``lease_token`` is the fencing token its step writes must carry; a
         run whose thread has another run in progress is not claimable yet (None)."""
-        if self.fast is not None:
-            return await self.fast.claim(run_id, owner)
-        assert self.lite is not None, "a database is PostgreSQL or SQLite"
-        return await self.lite.claim(run_id)
+        if self.pg_runs is not None:
+            return await self.pg_runs.claim(run_id, owner)
+        assert self.sqlite_runs is not None, "a database is PostgreSQL or SQLite"
+        return await self.sqlite_runs.claim(run_id)
 
     async def events(self, run_id: str, after: int = -1) -> list[tuple[int, str, Any]]:
         """Stored events of a run with ``seq > after``, in order."""

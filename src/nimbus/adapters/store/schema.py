@@ -129,8 +129,8 @@ runs = Table(
     Column("attempts", Integer, nullable=False, default=0),
     _ts("created_at"),
     _ts("updated_at"),
-    # The lease of the worker executing the run (PostgreSQL; see nimbus.adapters.store.pg):
-    # who holds
+    # The lease of the worker executing the run (PostgreSQL; see
+    # nimbus.adapters.store.postgres_runs): who holds
     # it (alive while its row in `workers` is), and the fencing token every step write of the
     # holder must carry. The token grows at each claim and each expiry, so a worker that lost
     # its lease cannot write.

@@ -9,8 +9,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from nimbus.adapters.store.checkpoints import complete
 from nimbus.adapters.store.common import JsonMatch, insert_new, now, row
-from nimbus.adapters.store.db import autocommit
-from nimbus.adapters.store.pg import PgHotPath
+from nimbus.adapters.store.engine import autocommit
+from nimbus.adapters.store.postgres_runs import PostgresRuns
 from nimbus.adapters.store.schema import checkpoints, run_attempts, run_events, runs, threads
 from nimbus.records import new_id
 from nimbus.service.checkpoints import appended, messages_of, stored_kind
@@ -63,15 +63,15 @@ def create_thread(
 class ThreadStore:
     """Queries on threads and checkpoints; every method is scoped by ``tenant_id``."""
 
-    def __init__(self, engine: AsyncEngine, fast: PgHotPath | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, pg_runs: PostgresRuns | None = None) -> None:
         self.engine = engine
         self.auto = autocommit(engine)
-        self.fast = fast
+        self.pg_runs = pg_runs
 
     async def get(self, tenant_id: str, thread_id: str) -> dict[str, Any] | None:
         """One thread, or None (also when it belongs to another tenant)."""
-        if self.fast is not None:
-            return await self.fast.thread(tenant_id, thread_id)
+        if self.pg_runs is not None:
+            return await self.pg_runs.thread(tenant_id, thread_id)
         async with self.auto.connect() as conn:
             return await self.get_in(conn, tenant_id, thread_id)
 

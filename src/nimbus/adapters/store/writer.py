@@ -20,9 +20,9 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nimbus.adapters.store.common import now
-from nimbus.adapters.store.db import unavailable
-from nimbus.adapters.store.pg import PgHotPath
-from nimbus.adapters.store.sqlite_fast import SqliteHotPath
+from nimbus.adapters.store.engine import unavailable
+from nimbus.adapters.store.postgres_runs import PostgresRuns
+from nimbus.adapters.store.sqlite_runs import SqliteRuns
 from nimbus.exceptions import LeaseLost
 from nimbus.records import StepWrite, dump_json
 from nimbus.service import checkpoints
@@ -40,11 +40,14 @@ class StepWriter:
     """The single writer task of a process (see the module's docstring)."""
 
     def __init__(
-        self, engine: AsyncEngine, fast: PgHotPath | None = None, lite: SqliteHotPath | None = None
+        self,
+        engine: AsyncEngine,
+        pg_runs: PostgresRuns | None = None,
+        sqlite_runs: SqliteRuns | None = None,
     ) -> None:
         self.engine = engine
-        self.fast = fast
-        self.lite = lite
+        self.pg_runs = pg_runs
+        self.sqlite_runs = sqlite_runs
         #: how long a batch is retried while the database is unreachable (a worker sets its
         #: lease time: past it the run is another worker's, and the write would be refused)
         self.outage_s = 0.0
@@ -121,10 +124,10 @@ class StepWriter:
         deadline = time.monotonic() + self.outage_s
         while True:
             try:
-                if self.fast is not None:
-                    return await write_steps_pg(self.fast.pool, steps)
-                assert self.lite is not None, "a database is PostgreSQL or SQLite"
-                return await self.lite.write_steps(steps)
+                if self.pg_runs is not None:
+                    return await write_steps_pg(self.pg_runs.pool, steps)
+                assert self.sqlite_runs is not None, "a database is PostgreSQL or SQLite"
+                return await self.sqlite_runs.write_steps(steps)
             except asyncpg.DeadlockDetectedError:
                 # a run being queued on a thread (interrupt) locks the thread, then its runs;
                 # this locks runs, then threads: PostgreSQL aborts one, try again

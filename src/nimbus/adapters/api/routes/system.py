@@ -11,7 +11,7 @@ from nimbus import __version__
 from nimbus.adapters.api.deps import Admin, Svc
 from nimbus.adapters.api.errors import APIError, not_found
 from nimbus.adapters.api.schemas import KeyCreate
-from nimbus.adapters.store.db import ping
+from nimbus.adapters.store.engine import ping
 from nimbus.adapters.store.keys import OPERATOR_TENANT
 from nimbus.service.metrics import METRICS
 

@@ -3,9 +3,9 @@
 Queueing a run, claiming it and writing its steps are most of what the embedded server asks
 of its database, and SQLAlchemy's Core costs several times what SQLite itself spends on such
 a statement (building parameters, type processing, result objects). These few statements
-run here as plain SQL on the engine's one connection (see :mod:`nimbus.adapters.store.sqlite`); the
-rest of the store keeps to SQLAlchemy. It is to SQLite what :mod:`nimbus.adapters.store.pg` is to
-PostgreSQL.
+run here as plain SQL on the engine's one connection (see
+:mod:`nimbus.adapters.store.sqlite_connection`); the rest of the store keeps to SQLAlchemy. It
+is to SQLite what :mod:`nimbus.adapters.store.postgres_runs` is to PostgreSQL.
 
 The connection is SQLAlchemy's, shared in turn: a transaction here runs start to end without
 giving the event loop up, and only while nobody holds the connection from the engine's pool
@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from nimbus.adapters.store.common import ThreadBusy, now, pending_run
-from nimbus.adapters.store.sqlite import InLoopConnection
+from nimbus.adapters.store.common import now, pending_run
+from nimbus.adapters.store.sqlite_connection import InLoopConnection
+from nimbus.exceptions import ThreadBusy
 from nimbus.records import (
     Assistant,
     ClaimedRun,
@@ -170,7 +171,7 @@ def _read(columns: tuple[str, ...], values: tuple[Any, ...]) -> dict[str, Any]:
     return out
 
 
-class SqliteHotPath:
+class SqliteRuns:
     """Queueing, claiming and step writes on SQLite (see the module's docstring)."""
 
     def __init__(self, engine: AsyncEngine) -> None:

@@ -13,9 +13,9 @@ from collections.abc import Collection
 from typing import TYPE_CHECKING, Any, cast
 
 import asyncpg
-from sqlalchemy.engine import make_url
 
-from nimbus.adapters.store.common import ThreadBusy, now, pending_run
+from nimbus.adapters.store.common import now, pending_run
+from nimbus.exceptions import ThreadBusy
 from nimbus.records import Assistant, ClaimedRun, Queued, Run, ThreadHead, new_id
 
 if TYPE_CHECKING:
@@ -235,11 +235,6 @@ VALUES ($1, $2, $8, $3, 'pending', $4, $5, $6, NULL, NULL, 0, $7, $7)
 BUSY_STATE = "NB409"  # the SQLSTATE nimbus_queue_run raises for a busy thread (reject)
 
 
-def dsn(url: str) -> str:
-    """The libpq-style URL asyncpg takes, from any SQLAlchemy PostgreSQL URL."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 async def _setup(conn: asyncpg.Connection) -> None:
     """JSON columns in and out as Python values, through orjson. Binary format: arrays of
     jsonb (the step writes) are then sent element by element, never as array literals."""
@@ -304,18 +299,19 @@ async def _keep_session(_conn: asyncpg.Connection) -> None:
     a sixth of a worker's CPU."""
 
 
-class PgHotPath:
+class PostgresRuns:
     """The per-run statements on a pool of asyncpg connections."""
 
     def __init__(self, pool: asyncpg.Pool, url: str) -> None:
         self.pool, self.url = pool, url
 
     @classmethod
-    async def open(cls, url: str, size: int, session: dict[str, str] | None = None) -> PgHotPath:
-        """A pool of up to ``size`` connections to ``url``, each with the ``session``
+    async def open(cls, dsn: str, size: int, session: dict[str, str] | None = None) -> PostgresRuns:
+        """A pool of up to ``size`` connections to ``dsn`` (libpq's form: see
+        :attr:`~nimbus.adapters.store.url.DatabaseURL.dsn`), each with the ``session``
         settings."""
         pool = await asyncpg.create_pool(
-            dsn(url),
+            dsn,
             min_size=0,  # no background reconnecting (and logging) while the server is down
             max_size=size,
             init=_setup,
@@ -323,7 +319,7 @@ class PgHotPath:
             max_inactive_connection_lifetime=300,
             server_settings={**_SERVER_SETTINGS, **(session or {})},
         )
-        return cls(pool, dsn(url))
+        return cls(pool, dsn)
 
     async def connect(self) -> asyncpg.Connection:
         """A connection of its own, outside the pool, for a session that must outlive any

@@ -5,7 +5,8 @@ close, commit) to its own thread and back, which costs 100-300 µs of CPU per st
 thread switch each way. :class:`InLoopConnection` has aiosqlite's interface but makes the
 calls in place; SQLAlchemy's aiosqlite dialect drives it through ``async_creator``.
 
-The engine holds one such connection (see :func:`nimbus.adapters.store.db.create_engine`), so the
+The engine holds one such connection (see
+:func:`nimbus.adapters.store.engine.create_engine`), so the
 process never contends with itself for SQLite's lock; a statement can only wait, up to the
 busy timeout, while another process (``nimbus keys create``) writes. SQLite is the embedded,
 one-process setup; several servers share PostgreSQL.
@@ -100,7 +101,7 @@ class InLoopConnection:
 
     @property
     def raw(self) -> sqlite3.Connection:
-        """The sqlite3 connection itself (see :mod:`nimbus.adapters.store.sqlite_fast`)."""
+        """The sqlite3 connection itself (see :mod:`nimbus.adapters.store.sqlite_runs`)."""
         return self._conn
 
     def is_open(self) -> bool:

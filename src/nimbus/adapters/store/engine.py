@@ -1,7 +1,8 @@
-"""Database connections: plain URLs in, the right async driver chosen here, migrations at start.
+"""Database connections: a URL (:class:`~nimbus.adapters.store.url.DatabaseURL`) in, the
+right async driver chosen here, migrations at start.
 
 ``sqlite:///path.db`` → SQLAlchemy's aiosqlite dialect over an in-loop connection
-(:mod:`nimbus.adapters.store.sqlite`), ``postgresql://user@host/db`` → asyncpg.
+(:mod:`nimbus.adapters.store.sqlite_connection`), ``postgresql://user@host/db`` → asyncpg.
 """
 
 from __future__ import annotations
@@ -12,46 +13,15 @@ from typing import Any
 
 import asyncpg
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
-from nimbus.adapters.store.sqlite import in_loop_creator
-from nimbus.exceptions import ConfigError
+from nimbus.adapters.store.sqlite_connection import in_loop_creator
+from nimbus.adapters.store.url import DatabaseURL
 from nimbus.records import dump_json, load_json
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-
-
-def async_url(url: str) -> str:
-    """Map a plain database URL to its async-driver form; other URLs are errors."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise ConfigError(f"not a database URL: {url!r}") from None
-    backend = parsed.get_backend_name()
-    if backend == "sqlite":
-        parsed = parsed.set(drivername="sqlite+aiosqlite")
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    elif backend in ("postgresql", "postgres"):
-        parsed = parsed.set(drivername="postgresql+asyncpg")
-    else:
-        raise ConfigError(
-            f"unsupported database {backend!r} in URL; use sqlite:// or postgresql://"
-        )
-    return parsed.render_as_string(hide_password=False)
-
-
-def in_memory(url: str) -> bool:
-    """Whether ``url`` names an SQLite database in memory (``sqlite://``, ``sqlite:///:memory:``):
-    one that lives and dies with the connection of one process."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        return False
-    return parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
 
 
 # Network errors of a database connection that is refused, reset or unreachable.
@@ -93,7 +63,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def create_engine(
-    url: str, *, pool_size: int = 20, session: dict[str, str] | None = None
+    url: str | DatabaseURL, *, pool_size: int = 20, session: dict[str, str] | None = None
 ) -> AsyncEngine:
     """An async engine for ``url``, JSON columns (de)serialised by orjson.
 
@@ -105,13 +75,15 @@ def create_engine(
     before every checkout, which would cost a round trip per query). ``session``: PostgreSQL
     settings of every connection (the rules of :mod:`nimbus.adapters.store.quota` read them).
     """
-    target = async_url(url)
+    parsed = url if isinstance(url, DatabaseURL) else DatabaseURL.parse(url)
+    target = parsed.for_sqlalchemy
     json = {"json_serializer": dump_json, "json_deserializer": load_json}
-    if target.startswith("sqlite"):
-        path = make_url(target).database or ":memory:"
+    if parsed.kind == "sqlite":
+        if parsed.path:
+            Path(parsed.path).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(
             target,
-            async_creator=in_loop_creator(path),
+            async_creator=in_loop_creator(parsed.path or ":memory:"),
             # A queue of one, also for a database in memory (which SQLAlchemy would give a
             # StaticPool, shared without turns): it lives as long as that one connection.
             poolclass=AsyncAdaptedQueuePool,

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from nimbus.adapters.cli.server import _bootstrap_admin
+from nimbus.adapters.api.app import _admin_key
+from nimbus.adapters.store.database import Database
 from nimbus.settings import Settings
 
 
@@ -27,6 +28,15 @@ async def test_an_empty_admin_key_still_gets_an_admin_key_printed(
     # the first start then printed no key, and nobody could administer the server.
     monkeypatch.setenv("NIMBUS_ADMIN_KEY", "")
     monkeypatch.setenv("NIMBUS_DATABASE_URL", f"sqlite:///{tmp_path}/nimbus.db")
-    key = await _bootstrap_admin(Settings())
-    assert key is not None and key.startswith("nmb_")
-    assert await _bootstrap_admin(Settings()) is None  # printed once: there is one now
+    settings = Settings()
+    printed: list[str | None] = []
+    db = await Database.open(settings.database_url)
+    try:
+        await _admin_key(settings, db, printed.append)
+        await _admin_key(settings, db, printed.append)
+        key, again = printed
+        assert key is not None and key.startswith("nmb_")
+        assert again is None  # printed once: there is one now
+        assert await db.keys.authenticate(key) is not None
+    finally:
+        await db.close()

@@ -5,7 +5,8 @@ NimbusError                      base: everything below carries context, none lo
 ├── UserError                    the caller's input or configuration is wrong (→ 4xx, CLI exit 2)
 │   ├── ConfigError              bad settings, agent file, unknown model id or tool name
 │   ├── ToolDefinitionError      a Python function that cannot become a tool
-│   └── NotAllowed               well-formed, but not allowed to this caller (→ 403)
+│   ├── NotAllowed               well-formed, but not allowed to this caller (→ 403)
+│   └── NotFound                 no such thread, assistant or run for this caller (→ 404)
 ├── ModelError                   a model provider failed
 │   ├── ModelHTTPError           the endpoint answered with an error status
 │   ├── ModelConnectionError     the endpoint could not be reached / timed out
@@ -45,6 +46,14 @@ class ToolDefinitionError(UserError):
 class NotAllowed(UserError):
     """A well-formed request that its caller may not make: a run widening its assistant's
     tools, a read-only key asking for something that changes state."""
+
+
+class NotFound(UserError):
+    """No such object for this caller: missing, or another tenant's (the same answer)."""
+
+    def __init__(self, what: str, id: str) -> None:
+        super().__init__(f"{what} {id!r} not found")
+        self.what, self.id = what, id
 
 
 class ModelError(NimbusError):

@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection
 from typing import Any, Protocol
 
 from nimbus.core.model import Model
-from nimbus.records import Assistant, ClaimedRun, Event, Run, StepWrite
+from nimbus.records import Assistant, ClaimedRun, Event, Queued, Run, StepWrite
 
 
 class RunStore(Protocol):
@@ -155,6 +155,94 @@ class Store(Protocol):
     def unavailable(self, exc: BaseException) -> bool:
         """Whether ``exc`` says the database cannot be reached (a 503, not a 500)."""
         ...
+
+
+class RunRequests(RunStore, Protocol):
+    """The runs as the API's requests queue, read and cancel them."""
+
+    async def create(
+        self,
+        tenant_id: str,
+        *,
+        thread_id: str | None,
+        assistant_id: str,
+        kwargs: dict[str, Any],
+        metadata: dict[str, Any],
+        multitask_strategy: str,
+        if_not_exists: str = "reject",
+        temporary: bool = False,
+        idempotency: tuple[str, str] | None = None,
+        claim_as: str | None = None,
+    ) -> Queued | None:
+        """Queue a run for the assistant of that id (the general path: a thread to create,
+        an Idempotency-Key); None when the thread does not exist and may not be created."""
+        ...
+
+    async def create_with_assistant(
+        self,
+        tenant_id: str,
+        *,
+        thread_id: str,
+        assistant_id: str,
+        kwargs: dict[str, Any],
+        metadata: dict[str, Any],
+        multitask_strategy: str,
+        claim_as: str | None = None,
+    ) -> Queued | None:
+        """Queue a run on an existing thread for the assistant named by id, graph or name,
+        read in the same statement; None (nothing queued) when either is missing."""
+        ...
+
+    async def get(
+        self, tenant_id: str, run_id: str, thread_id: str | None = None
+    ) -> dict[str, Any] | None:
+        """One run of one tenant (of the thread, if given)."""
+        ...
+
+    async def status(self, run_id: str) -> str | None:
+        """A run's status now."""
+        ...
+
+    async def cancel(self, tenant_id: str, run_id: str, thread_id: str | None, action: str) -> bool:
+        """Mark an active run interrupted (``action``: interrupt or rollback)."""
+        ...
+
+
+class AssistantRequests(AssistantStore, Protocol):
+    """Assistants as runs name them."""
+
+    async def find(self, tenant_id: str, id_or_name: str) -> Assistant | None:
+        """By id; else the first made from the graph of that name; else the newest so named."""
+        ...
+
+    async def ensure_system(self, tenant_id: str, graph_id: str) -> Assistant:
+        """The tenant's assistant of a graph, made on first use (as LangGraph does)."""
+        ...
+
+
+class ThreadRequests(Protocol):
+    """Threads as runs' requests read and delete them."""
+
+    async def get(self, tenant_id: str, thread_id: str) -> dict[str, Any] | None:
+        """One thread of one tenant."""
+        ...
+
+    async def delete(self, tenant_id: str, thread_id: str) -> bool:
+        """Delete a thread (a stateless run's, once it is over)."""
+        ...
+
+
+class RunRequestStore(Protocol):
+    """The store as :class:`nimbus.service.runs.RunService` uses it."""
+
+    @property
+    def runs(self) -> RunRequests: ...
+
+    @property
+    def assistants(self) -> AssistantRequests: ...
+
+    @property
+    def threads(self) -> ThreadRequests: ...
 
 
 class ModelCatalog(Protocol):

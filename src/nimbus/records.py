@@ -20,6 +20,8 @@ import orjson
 RunStatus = Literal["pending", "running", "success", "error", "timeout", "interrupted"]
 ThreadStatus = Literal["idle", "busy", "interrupted", "error"]
 
+#: the statuses of a run not ended yet
+ACTIVE = ("pending", "running")
 #: A stored event of a run's stream: (its number, its name, its data).
 Event = tuple[int, str, Any]
 #: How a run ended, as its waiters learn it: (status, error, the thread's values).

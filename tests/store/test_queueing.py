@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 
 from nimbus.adapters.store.database import Database
+from nimbus.exceptions import ThreadBusy
 from nimbus.records import Queued, StepWrite
 from tests.store.conftest import new_assistant
 
@@ -179,3 +180,64 @@ async def test_nothing_is_queued_without_the_assistant_or_the_thread(db: Databas
     assert await db.runs.of_thread("t2", other_thread["thread_id"]) == []
     thread = await db.threads.get(TENANT, thread_id)
     assert thread is not None and thread["status"] == "idle"
+
+
+async def _general(
+    db: Database,
+    thread_id: str | None,
+    assistant_id: str,
+    strategy: str = "enqueue",
+    claim_as: str | None = "worker-1",
+    key: tuple[str, str] | None = ("key-1", "hash-1"),
+    if_not_exists: str = "reject",
+) -> Queued | None:
+    """A run that takes the general path: an Idempotency-Key, or a thread to make."""
+    return await db.runs.create(
+        TENANT,
+        thread_id=thread_id,
+        assistant_id=assistant_id,
+        kwargs={"input": {"n": 2}},
+        metadata={"m": 2},
+        multitask_strategy=strategy,
+        idempotency=key,
+        if_not_exists=if_not_exists,
+        temporary=thread_id is None,
+        claim_as=claim_as,
+    )
+
+
+async def test_the_general_path_queues_by_the_same_rule(db: Database) -> None:
+    """The general path (a key, a thread to make) queues through the same statement as the
+    usual run: claimed at once when it may start, refused or interrupting as the strategy
+    says, and replayed, not queued again, for the same key."""
+    thread_id, assistant_id = await _thread_and_assistant(db)
+    first = await _general(db, thread_id, assistant_id)
+    assert first is not None and first.claimed and first.thread is not None
+    assert first.thread["thread_id"] == thread_id and first.run["status"] == "running"
+    again = await _general(db, thread_id, assistant_id)
+    assert again is not None and again.replayed and again.run["run_id"] == first.run["run_id"]
+    busy = None
+    try:
+        await _general(db, thread_id, assistant_id, "reject", key=("key-2", "hash-2"))
+    except ThreadBusy as exc:
+        busy = exc
+    assert busy is not None
+    newer = await _general(db, thread_id, assistant_id, "interrupt", key=("key-3", "hash-3"))
+    assert newer is not None and newer.interrupted == [first.run["run_id"]]
+    assert not newer.claimed and newer.run["status"] == "pending"
+    stored = await db.runs.get(TENANT, first.run["run_id"])
+    assert stored is not None and stored["status"] == "interrupted"
+    assert await db.runs.attempts(TENANT, newer.run["run_id"]) == []
+
+
+async def test_a_thread_made_by_the_general_path_starts_its_run_at_once(db: Database) -> None:
+    _, assistant_id = await _thread_and_assistant(db)
+    cases = ((None, ("key-4", "hash-4"), "reject"), ("made-here", None, "create"))
+    for thread_id, key, if_not_exists in cases:
+        queued = await _general(db, thread_id, assistant_id, key=key, if_not_exists=if_not_exists)
+        assert queued is not None and queued.claimed and queued.thread is not None
+        made = await db.threads.get(TENANT, queued.run["thread_id"])
+        assert made is not None and made["status"] == "busy"
+        assert [a["attempt"] for a in await db.runs.attempts(TENANT, queued.run["run_id"])] == [1]
+    missing = await _general(db, "never-made", assistant_id, key=None)
+    assert missing is None

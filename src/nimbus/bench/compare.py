@@ -5,8 +5,9 @@ change to the server does (``nimbus bench server``'s floor alone moves by a mill
 one run to the next). Here both servers run at once, each on its own database, pinned to the
 same core, against one fake model server; the client does the same two-step tool-calling
 run (see :mod:`nimbus.bench.server`) on one and then on the other, alternating which goes
-first, one run at a time. Whatever the machine does meanwhile, both sides see it alike, and
-the ratio of their figures is the change's.
+first, one run at a time (or, with ``concurrency`` C, rounds of C runs at once, each round on
+one side and then the other). Whatever the machine does meanwhile, both sides see it alike,
+and the ratio of their figures is the change's.
 
 The other checkout is given by its ``src`` folder (``git worktree add /tmp/base <rev>``, then
 ``/tmp/base/src``); its server runs on this checkout's Python environment.
@@ -14,6 +15,7 @@ The other checkout is given by its ``src`` folder (``git worktree add /tmp/base 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
@@ -96,34 +98,44 @@ async def _drive(
     turns: int,
     latency_s: float,
     by_graph: bool,
+    concurrency: int = 1,
 ) -> None:
-    clients = [LoadClient(server, 2, by_graph) for server in servers]
+    c = concurrency
+    clients = [LoadClient(server, c + 1, by_graph) for server in servers]
     try:
         for side, client in zip(sides, clients, strict=True):
             async with client.session.get(client.base + "/info") as r:
                 side.version = str((await r.json())["version"])
             await client.create_assistant()
-        per_side = -(-(runs + WARMUP_RUNS) // turns)
-        threads = [(await create_threads(c, per_side, 1))[0] for c in clients]
+        warmup = -(-WARMUP_RUNS // c)  # rounds of c runs
+        rounds = warmup + -(-runs // c)
+        per_side = -(-rounds // turns) * c  # each round's runs on threads of their own
+        threads = [(await create_threads(client, per_side, 8))[0] for client in clients]
         model_s = MODEL_CALLS_PER_RUN * latency_s
+
+        async def one(k: int, thread_id: str) -> tuple[float, str | None]:
+            t0 = time.perf_counter()
+            try:
+                problem = await clients[k].run(mode, thread_id)
+            except Exception as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            return time.perf_counter() - t0, problem
+
         cpu0: list[float] = []
-        for i in range(WARMUP_RUNS + runs):
-            if i == WARMUP_RUNS:
+        for i in range(rounds):
+            if i == warmup:
                 cpu0 = [proc_cpu_s(s.process.pid) for s in servers]
             order = (0, 1) if i % 2 == 0 else (1, 0)  # neither always goes first
+            first = (i // turns) * c
             for k in order:
-                t0 = time.perf_counter()
-                try:
-                    problem = await clients[k].run(mode, threads[k][i // turns])
-                except Exception as exc:
-                    problem = f"{type(exc).__name__}: {exc}"
-                elapsed = time.perf_counter() - t0
-                if i < WARMUP_RUNS:
+                done = await asyncio.gather(*(one(k, threads[k][first + j]) for j in range(c)))
+                if i < warmup:
                     continue
-                if problem is None:
-                    sides[k].added_s.append(elapsed - model_s)
-                else:
-                    sides[k].errors.append(problem)
+                for elapsed, problem in done:
+                    if problem is None:
+                        sides[k].added_s.append(elapsed - model_s)
+                    else:
+                        sides[k].errors.append(problem)
         for side, server, before in zip(sides, servers, cpu0, strict=True):
             side.cpu_s = proc_cpu_s(server.process.pid) - before
     finally:
@@ -142,6 +154,7 @@ def bench_compare(
     by_graph: bool = False,
     placement: Placement | None = None,
     postgres_url: str = DEFAULT_POSTGRES_URL,
+    concurrency: int = 1,
 ) -> tuple[Side, Side]:
     """Run the comparison; returns the other checkout's side ("base") and this one's."""
     sides = [Side("base", checkout_src(base_src)), Side("this", this_src())]
@@ -169,7 +182,9 @@ def bench_compare(
                     env={"PYTHONPATH": str(side.src)},  # that checkout's package, not this one
                 )
                 servers.append(stack.enter_context(server))
-            run_async(_drive(sides, servers, mode, runs, turns, latency_ms / 1000, by_graph))
+            run_async(
+                _drive(sides, servers, mode, runs, turns, latency_ms / 1000, by_graph, concurrency)
+            )
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -33,6 +33,7 @@ from nimbus.service.broker import RunBroker
 from nimbus.service.feed import FeedFollower
 from nimbus.service.metrics import METRICS
 from nimbus.service.pool import worker_pool
+from nimbus.service.runs import RunService
 from nimbus.settings import Settings
 
 log = structlog.get_logger("nimbus.adapters.api")
@@ -251,8 +252,7 @@ def create_app(
             broker,
             agents,
             pool,
-            bus,
-            follower,
+            RunService(db, broker, agents, pool, follower),
             TenantStreams(settings.tenant_max_streams),
         )
         if workers:

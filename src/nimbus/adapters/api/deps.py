@@ -9,12 +9,11 @@ from fastapi import Depends, Request
 
 from nimbus.adapters.api.errors import APIError
 from nimbus.adapters.api.streams import TenantStreams
-from nimbus.adapters.bus import Bus
 from nimbus.adapters.store.database import Database
 from nimbus.adapters.store.keys import Principal
 from nimbus.service.agents import AgentFactory
 from nimbus.service.broker import RunBroker
-from nimbus.service.feed import FeedFollower
+from nimbus.service.runs import RunService
 from nimbus.service.workers import Workers
 from nimbus.settings import Settings
 
@@ -28,8 +27,7 @@ class Services:
     broker: RunBroker
     agents: AgentFactory
     pool: Workers
-    bus: Bus | None = None  #: PostgreSQL: signals between processes
-    follower: FeedFollower | None = None  #: PostgreSQL: runs executing in other processes
+    runs: RunService
     streams: TenantStreams = field(default_factory=lambda: TenantStreams(100))
 
 

@@ -18,6 +18,7 @@ from nimbus.exceptions import (
     ConfigError,
     IdempotencyConflict,
     NotAllowed,
+    NotFound,
     QueueFull,
     ThreadBusy,
     UserError,
@@ -113,6 +114,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ConfigError)
     async def config_error(_: Request, exc: ConfigError) -> JSONResponse:
         return JSONResponse(_body(422, str(exc)), 422)
+
+    @app.exception_handler(NotFound)
+    async def not_found_error(_: Request, exc: NotFound) -> JSONResponse:
+        return JSONResponse(_body(404, str(exc)), 404)
 
     @app.exception_handler(NotAllowed)
     async def not_allowed(_: Request, exc: NotAllowed) -> JSONResponse:

@@ -291,6 +291,16 @@ def compare(
     runs: Annotated[int, typer.Option(min=1, help="Measured runs per server.")] = 600,
     database: Annotated[str, typer.Option(help="sqlite or postgres.")] = "sqlite",
     mode: Annotated[str, typer.Option(help="stream or wait.")] = "stream",
+    concurrency: Annotated[
+        int,
+        typer.Option(
+            "--concurrency",
+            "-c",
+            min=1,
+            max=256,
+            help="Runs at once: rounds of this many, each round on one server then the other.",
+        ),
+    ] = 1,
     latency_ms: Annotated[
         float, typer.Option(min=0, help="Fake model latency per call, in ms.")
     ] = 20.0,
@@ -306,7 +316,8 @@ def compare(
     json_output: Annotated[bool, typer.Option("--json", help="Print figures as JSON.")] = False,
 ) -> None:
     """This Nimbus against another checkout, run for run (interleaved, same core): the
-    figures of `bench server` at concurrency 1, as a ratio that machine noise cancels out of."""
+    figures of `bench server` at concurrency 1 (or rounds of -c runs at once), as a ratio
+    that machine noise cancels out of."""
     from nimbus.bench.compare import bench_compare, checkout_src
     from nimbus.bench.processes import DEFAULT_POSTGRES_URL, check_postgres
     from nimbus.bench.server import DATABASES, MODES
@@ -322,7 +333,8 @@ def compare(
         check_postgres(pg_url)
     console = Console(stderr=json_output, highlight=False, width=120)
     console.print(
-        f"{database}, {mode}, {runs} runs per server, fake model {latency_ms:g} ms/call; "
+        f"{database}, {mode}, {runs} runs per server, {concurrency} at once, "
+        f"fake model {latency_ms:g} ms/call; "
         f"{'the assistant named by its graph; ' if by_graph else ''}"
         f"base: {base_src}; placement: {placement.describe()}"
     )
@@ -336,6 +348,7 @@ def compare(
         by_graph=by_graph,
         placement=placement,
         postgres_url=pg_url,
+        concurrency=concurrency,
     )
     console.print(
         f"{'server':<7}{'version':<12}{'added p50':>10}{'p90':>8}{'p99':>8}{'mean':>8}"
@@ -374,7 +387,13 @@ def compare(
             }
             for side in sides
         }
-        out = {"database": database, "mode": mode, "latency_ms": latency_ms, **figures}
+        out = {
+            "database": database,
+            "mode": mode,
+            "concurrency": concurrency,
+            "latency_ms": latency_ms,
+            **figures,
+        }
         sys.stdout.write(orjson.dumps({**out, "ratios": ratios}).decode() + "\n")
     if any(side.errors for side in sides):
         raise typer.Exit(1)

@@ -9,10 +9,13 @@ SQLAlchemy; the tests run both paths against both databases.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 import asyncpg
+from sqlalchemy import Boolean, Connection, String, bindparam, column, text
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.exc import DBAPIError
 
 from nimbus.adapters.store.common import now, pending_run
 from nimbus.exceptions import ThreadBusy
@@ -299,6 +302,77 @@ async def _keep_session(_conn: asyncpg.Connection) -> None:
     a sixth of a worker's CPU."""
 
 
+def _queued(run: Run, found: Mapping[Any, Any], owner: str | None) -> Queued:
+    """What ``nimbus_queue_run`` returned (``found``) for ``run``, as it was queued."""
+    queued = Queued(run, interrupted=list(found["interrupted"] or ()))
+    if found["claimed"]:
+        run["status"], run["attempts"] = "running", 1
+        run["lease_owner"], run["lease_token"] = owner, 1
+        queued.claimed = True
+        queued.thread = {
+            "thread_id": run["thread_id"],
+            "values": found["thread_values"],
+            "checkpoint_id": found["thread_checkpoint_id"],
+        }
+    return queued
+
+
+# nimbus_queue_run through SQLAlchemy, for the general path (in a transaction of its own).
+_QUEUE_IN = (
+    text(
+        "SELECT * FROM nimbus_queue_run(:run_id, :tenant_id, :thread_id, :assistant_id, "
+        ":metadata, :kwargs, :strategy, :stamp, :owner)"
+    )
+    .bindparams(bindparam("metadata", type_=JSONB), bindparam("kwargs", type_=JSONB))
+    .columns(
+        column("interrupted", ARRAY(String)),
+        column("claimed", Boolean),
+        column("thread_values", JSONB),
+        column("thread_checkpoint_id", String),
+    )
+)
+
+
+def queue_in(
+    conn: Connection,
+    run_id: str,
+    tenant_id: str,
+    thread_id: str,
+    assistant_id: str,
+    kwargs: dict[str, Any],
+    metadata: dict[str, Any],
+    multitask_strategy: str,
+    owner: str | None,
+) -> Queued | None:
+    """``nimbus_queue_run`` (PostgreSQL's one form of the rule of queueing) inside a
+    transaction SQLAlchemy holds: the general path of
+    :meth:`~nimbus.adapters.store.runs.RunStore.create` (synchronous, for ``run_sync``)."""
+    stamp = now()
+    params = {
+        "run_id": run_id,
+        "tenant_id": tenant_id,
+        "thread_id": thread_id,
+        "assistant_id": assistant_id,
+        "metadata": metadata,
+        "kwargs": kwargs,
+        "strategy": multitask_strategy,
+        "stamp": stamp,
+        "owner": owner,
+    }
+    try:
+        found = conn.execute(_QUEUE_IN, params).mappings().first()
+    except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) == BUSY_STATE:
+            raise ThreadBusy(thread_id) from None
+        raise
+    if found is None:
+        return None
+    run = pending_run(
+        run_id, tenant_id, thread_id, assistant_id, kwargs, metadata, multitask_strategy, stamp
+    )
+    return _queued(run, found, owner)
+
+
 class PostgresRuns:
     """The per-run statements on a pool of asyncpg connections."""
 
@@ -499,29 +573,10 @@ class PostgresRuns:
             return None
         if with_assistant:
             assistant_id = found["assistant_id"]  # the id of the assistant it names
-        queued = Queued(
-            pending_run(
-                run_id,
-                tenant_id,
-                thread_id,
-                assistant_id,
-                kwargs,
-                metadata,
-                multitask_strategy,
-                stamp,
-            ),
-            interrupted=list(found["interrupted"] or ()),
+        run = pending_run(
+            run_id, tenant_id, thread_id, assistant_id, kwargs, metadata, multitask_strategy, stamp
         )
-        if found["claimed"]:
-            run = queued.run
-            run["status"], run["attempts"] = "running", 1
-            run["lease_owner"], run["lease_token"] = owner, 1
-            queued.claimed = True
-            queued.thread = {
-                "thread_id": thread_id,
-                "values": found["thread_values"],
-                "checkpoint_id": found["thread_checkpoint_id"],
-            }
+        queued = _queued(run, found, owner)
         if with_assistant:
             queued.assistant = cast(Assistant, {k: v for k, v in found.items() if k not in _QUEUED})
         return queued

@@ -6,45 +6,25 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any, cast
 
-from sqlalchemy import Connection, bindparam, delete, func, or_, select, update
+from sqlalchemy import Connection, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nimbus.adapters.store.common import (
     JsonMatch,
     insert_new,
     now,
-    pending_run,
     row,
 )
 from nimbus.adapters.store.engine import autocommit
 from nimbus.adapters.store.postgres_runs import PostgresRuns
+from nimbus.adapters.store.postgres_runs import queue_in as postgres_queue_in
 from nimbus.adapters.store.quota import queue_full
-from nimbus.adapters.store.schema import idempotency_keys, run_attempts, run_events, runs, threads
+from nimbus.adapters.store.schema import idempotency_keys, run_attempts, run_events, runs
 from nimbus.adapters.store.sqlite_runs import SqliteRuns
+from nimbus.adapters.store.sqlite_runs import queue_in as sqlite_queue_in
 from nimbus.adapters.store.threads import create_thread
-from nimbus.exceptions import IdempotencyConflict, QueueFull, ThreadBusy
-from nimbus.records import ClaimedRun, Queued, Run, new_id
-
-ACTIVE = ("pending", "running")
-FINAL = ("success", "error", "timeout", "interrupted")
-_IS_ACTIVE = or_(runs.c.status == "pending", runs.c.status == "running")
-
-# The statements of every run, built once (building one costs more than running it on SQLite).
-_BUSY = (
-    update(threads)
-    .where(
-        threads.c.tenant_id == bindparam("b_tenant_id"),
-        threads.c.thread_id == bindparam("b_thread_id"),
-    )
-    .values(status="busy", updated_at=bindparam("b_stamp"))
-    .returning(threads.c.thread_id)
-)
-_ACTIVE_RUNS = select(runs.c.run_id).where(
-    runs.c.tenant_id == bindparam("b_tenant_id"),
-    runs.c.thread_id == bindparam("b_thread_id"),
-    _IS_ACTIVE,
-)
-_INSERT = runs.insert()
+from nimbus.exceptions import IdempotencyConflict, QueueFull
+from nimbus.records import ACTIVE, ClaimedRun, Queued, Run, new_id
 
 
 def _queue(
@@ -57,52 +37,37 @@ def _queue(
     multitask_strategy: str,
     if_not_exists: str,
     temporary: bool,
-    idempotency: tuple[str, str] | None = None,
+    idempotency: tuple[str, str] | None,
+    claim_as: str | None,
 ) -> Queued | None:
-    """:meth:`RunStore.create` inside a transaction (synchronous, for ``run_sync``: one
-    greenlet for the whole transaction)."""
+    """:meth:`RunStore.create`'s general path inside a transaction (synchronous, for
+    ``run_sync``: one greenlet for the whole transaction): the Idempotency-Key taken, the
+    thread made when it must be, then the run queued by the database's one form of the rule
+    (``queue_in`` of :mod:`~nimbus.adapters.store.sqlite_runs` or
+    :mod:`~nimbus.adapters.store.postgres_runs`)."""
     run_id = new_id()
     if idempotency is not None:
         replayed = _claim_key(conn, tenant_id, *idempotency, run_id)
         if replayed is not None:
             return replayed
-    active: list[str] = []
     if thread_id is None:
-        thread, _ = create_thread(
-            conn, tenant_id, None, {"temporary": True} if temporary else {}, status="busy"
-        )
+        metadata_of_thread = {"temporary": True} if temporary else {}
+        thread, _ = create_thread(conn, tenant_id, None, metadata_of_thread, status="busy")
         thread_id = thread["thread_id"]
-    else:
-        # Marking the thread busy also locks its row until the run is queued.
-        params = {"b_tenant_id": tenant_id, "b_thread_id": thread_id, "b_stamp": now()}
-        busy = conn.execute(_BUSY, params).first() is not None
-        if not busy and if_not_exists != "create":
-            return None
-        if not busy:
-            _, created = create_thread(conn, tenant_id, thread_id, {}, status="busy")
-            # not created: a concurrent request created it meanwhile; it is queued on that one
-            busy = not created and conn.execute(_BUSY, params).first() is not None
-            if not created and not busy:
-                return None
-        if busy:
-            found = conn.execute(_ACTIVE_RUNS, {"b_tenant_id": tenant_id, "b_thread_id": thread_id})
-            active = list(found.scalars())
-    if active:
-        if multitask_strategy == "reject":
-            raise ThreadBusy(thread_id)  # the transaction rolls back: status unchanged
-        if multitask_strategy in ("interrupt", "rollback"):
-            conn.execute(
-                update(runs)
-                .where(runs.c.run_id.in_(active))
-                .values(status="interrupted", updated_at=now())
-            )
-        else:
-            active = []  # enqueued behind them
-    values = pending_run(
-        run_id, tenant_id, thread_id, assistant_id, kwargs, metadata, multitask_strategy, now()
+    elif if_not_exists == "create":
+        create_thread(conn, tenant_id, thread_id, {}, status="busy")  # or one made meanwhile
+    queue_in = postgres_queue_in if conn.dialect.name == "postgresql" else sqlite_queue_in
+    return queue_in(
+        conn,
+        run_id,
+        tenant_id,
+        thread_id,
+        assistant_id,
+        kwargs,
+        metadata,
+        multitask_strategy,
+        claim_as,
     )
-    conn.execute(_INSERT, values)
-    return Queued(values, active)
 
 
 def _claim_key(
@@ -244,6 +209,7 @@ class RunStore:
                 if_not_exists,
                 temporary,
                 idempotency,
+                claim_as,
             )
 
     async def create_with_assistant(

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nimbus.adapters.store.common import now, pending_run
@@ -349,6 +350,35 @@ def _chain_place(conn: sqlite3.Connection, s: StepWrite, batch: set[str]) -> tup
     return seq, conn.execute(_CHECKPOINT_SEQ, (s.parent_id,)).fetchone() is not None
 
 
+def queue_in(
+    conn: Connection,
+    run_id: str,
+    tenant_id: str,
+    thread_id: str,
+    assistant_id: str,
+    kwargs: dict[str, Any],
+    metadata: dict[str, Any],
+    multitask_strategy: str,
+    owner: str | None,
+) -> Queued | None:
+    """The queueing of :func:`_queue_run`, inside a transaction SQLAlchemy holds (the general
+    path of :meth:`~nimbus.adapters.store.runs.RunStore.create`: synchronous, for
+    ``run_sync``), on the same connection."""
+    driver = conn.connection.driver_connection
+    assert isinstance(driver, InLoopConnection)
+    return _queue_run(
+        driver.raw,
+        tenant_id,
+        thread_id,
+        assistant_id,
+        kwargs,
+        metadata,
+        multitask_strategy,
+        owner,
+        run_id=run_id,
+    )
+
+
 def _queue_run(
     conn: sqlite3.Connection,
     tenant_id: str,
@@ -359,7 +389,12 @@ def _queue_run(
     multitask_strategy: str,
     owner: str | None,
     with_assistant: bool = False,
+    run_id: str | None = None,
 ) -> Queued | None:
+    """The rule of queueing a run on a thread (SQLite's one form of it): the thread marked
+    busy (None: no such thread), its active runs against ``multitask_strategy`` (reject:
+    ThreadBusy; interrupt and rollback: marked interrupted), the run inserted, and claimed
+    by ``owner`` at once when no other run of the thread is active."""
     assistant = None
     if with_assistant:
         if (assistant := _find_assistant(conn, tenant_id, assistant_id)) is None:
@@ -382,7 +417,14 @@ def _queue_run(
             )
             interrupted = active
     run = pending_run(
-        new_id(), tenant_id, thread_id, assistant_id, kwargs, metadata, multitask_strategy, stamp
+        run_id or new_id(),
+        tenant_id,
+        thread_id,
+        assistant_id,
+        kwargs,
+        metadata,
+        multitask_strategy,
+        stamp,
     )
     claimed = owner is not None and not active
     if claimed:

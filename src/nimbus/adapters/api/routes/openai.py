@@ -23,14 +23,13 @@ from nimbus.adapters.api.openai_facade import (
     run_failed,
     usage_of,
 )
-from nimbus.adapters.api.routes.runs import create_run, run_events, wait_for
+from nimbus.adapters.api.run_requests import create_run
 from nimbus.adapters.api.schemas import RunCreate, StreamMode
 from nimbus.adapters.store.keys import Principal
 from nimbus.records import Assistant
 from nimbus.service.executor import final_answer
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
-ACTIVE = ("pending", "running")
 ENDPOINTS = {"/v1/models", "/v1/chat/completions"}  # for 405s from the catch-all route
 
 
@@ -73,7 +72,7 @@ async def chat_completions(
     handed_over = ended = False
     try:
         if not body.stream:
-            final = await wait_for(svc, run)
+            final = await svc.runs.wait(run)
             ended = True
             return await _complete(svc, final, body.model)
         text = RunText(svc, run)
@@ -114,7 +113,7 @@ class RunText:
         self.deltas: AsyncGenerator[str, None] = self._deltas()
 
     async def _deltas(self) -> AsyncGenerator[str, None]:
-        async for event in run_events(self.svc, self.run["run_id"], -1):
+        async for event in self.svc.runs.events(self.run["run_id"], -1):
             if event is None:
                 continue
             _, name, data = event
@@ -124,7 +123,7 @@ class RunText:
             content = message.get("content") if isinstance(message, dict) else None
             if message.get("type") == "AIMessageChunk" and isinstance(content, str) and content:
                 yield content
-        self.final = await wait_for(self.svc, self.run)
+        self.final = await self.svc.runs.wait(self.run)
 
 
 def _data(obj: Any) -> bytes:
@@ -172,14 +171,7 @@ async def _discard(
     with anyio.CancelScope(shield=True):  # also when the request itself is being cancelled
         if text is not None:
             await text.deltas.aclose()
-        if ended:
-            await svc.db.threads.delete(run["tenant_id"], run["thread_id"])
-            return
-        if await svc.db.runs.status(run["run_id"]) in ACTIVE:
-            await svc.db.runs.cancel(run["tenant_id"], run["run_id"], None, "interrupt")
-            svc.pool.cancel_everywhere(run["run_id"])
-        await wait_for(svc, run)
-        await svc.db.threads.delete(run["tenant_id"], run["thread_id"])
+        await svc.runs.discard(run, ended)
 
 
 @router.api_route(

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import json
 from collections.abc import AsyncIterator, Mapping
 from typing import Annotated, Any, Literal
 
@@ -16,15 +13,11 @@ from starlette.types import Receive, Scope, Send
 from nimbus.adapters.api.deps import Caller, Services, Svc
 from nimbus.adapters.api.errors import APIError, not_found
 from nimbus.adapters.api.routes.threads import get_thread
-from nimbus.adapters.api.schemas import RunCreate, path_id
+from nimbus.adapters.api.run_requests import create_run
+from nimbus.adapters.api.schemas import RunCreate
 from nimbus.adapters.api.streams import TenantStreams
 from nimbus.adapters.store.keys import Principal
-from nimbus.adapters.store.runs import ACTIVE
-from nimbus.records import Assistant, Queued
-from nimbus.service.agents import GRAPHS
-from nimbus.service.broker import StreamEvent
 from nimbus.service.executor import stream_modes
-from nimbus.service.langgraph import check_input, input_messages
 
 router = APIRouter(tags=["runs"])
 
@@ -39,7 +32,6 @@ FIELDS = (
     "multitask_strategy",
     "kwargs",
 )
-MAX_ID = 64  # the width of the id columns
 IdemKey = Annotated[
     str | None,
     Header(
@@ -75,154 +67,12 @@ def run_path(run: Mapping[str, Any], stateless: bool) -> str:
     return f"/threads/{run['thread_id']}/runs/{run['run_id']}"
 
 
-def request_hash(thread_id: str | None, body: RunCreate) -> str:
-    """What an Idempotency-Key stands for: the thread and the whole request body."""
-    request = {"thread_id": thread_id, "body": body.model_dump(mode="json")}
-    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
-
-
-async def create_run(
-    svc: Services,
-    caller: Principal,
-    thread_id: str | None,
-    body: RunCreate,
-    default_modes: Any = None,
-    idempotency_key: str | None = None,
-    assistant: Assistant | None = None,
-) -> Queued:
-    """Validate and queue a run; the worker pool picks it up. With an ``idempotency_key``
-    used before for the same request, the run made then (``replayed``), queued once.
-    ``assistant``: the run's assistant, when the caller has read it already."""
-    if thread_id is not None and body.if_not_exists == "create":
-        try:  # a thread made here must be addressable afterwards
-            path_id(thread_id)
-        except ValueError as exc:
-            raise APIError(422, f"thread_id: {exc}") from None
-    if thread_id is not None and len(thread_id) > MAX_ID:  # no such thread can be stored
-        if body.if_not_exists == "create":
-            raise APIError(422, f"thread_id longer than {MAX_ID} characters")
-        raise not_found("thread", thread_id)
-    check_input(input_messages(body.input))  # a bad input is a 422 now, not a failed run
-    kwargs = {
-        "input": body.input,
-        "config": body.config,
-        "context": body.context,
-        "stream_mode": body.stream_mode if default_modes is None else default_modes,
-        "command": body.command,
-        "on_completion": body.on_completion,
-        "durability": body.durability or svc.settings.durability,
-    }
-    # A free worker slot here: the run is claimed as it is queued, and starts at once.
-    reserved = svc.pool.reserve(caller.tenant_id)
-    try:
-        queued: Queued | None = None
-        if thread_id is not None and idempotency_key is None and not (body.config or body.context):
-            # The usual run (an assistant by id, graph or name; a thread that exists; nothing
-            # to validate against the assistant first): the assistant is read as the run is
-            # queued.
-            queued = await svc.db.runs.create_with_assistant(
-                caller.tenant_id,
-                thread_id=thread_id,
-                assistant_id=body.assistant_id,
-                kwargs=kwargs,
-                metadata=body.metadata,
-                multitask_strategy=body.multitask_strategy,
-                claim_as=svc.pool.owner if reserved else None,
-            )
-            if queued is not None:
-                assistant = queued.assistant
-        if queued is None:
-            assistant = await _assistant(svc, caller, body, assistant)
-            queued = await svc.db.runs.create(
-                caller.tenant_id,
-                thread_id=thread_id,
-                assistant_id=assistant["assistant_id"],
-                kwargs=kwargs,
-                metadata=body.metadata,
-                multitask_strategy=body.multitask_strategy,
-                if_not_exists=body.if_not_exists,
-                temporary=thread_id is None,
-                idempotency=(
-                    (idempotency_key, request_hash(thread_id, body)) if idempotency_key else None
-                ),
-                claim_as=svc.pool.owner if reserved else None,
-            )
-    except BaseException:
-        if reserved:
-            svc.pool.release(caller.tenant_id)
-        raise
-    if queued is None or queued.replayed:
-        if reserved:
-            svc.pool.release(caller.tenant_id)
-        if queued is None:
-            raise not_found("thread", thread_id or "")
-        return queued
-    for interrupted in queued.interrupted:
-        svc.pool.cancel_everywhere(interrupted)
-    svc.pool.submit(queued, assistant, reserved=reserved)
-    if queued.claimed:
-        # It starts here now: let it send its first model request before this request goes
-        # on to build its response, which the client waits the model's time for anyway.
-        await asyncio.sleep(0)
-    return queued
-
-
-async def _assistant(
-    svc: Services, caller: Principal, body: RunCreate, known: Assistant | None = None
-) -> Assistant:
-    """The run's assistant (``known``, or read: by id, graph or name; 404 if none), its
-    settings checked with the run's own ``config`` and ``context`` (422)."""
-    assistant = known or await svc.db.assistants.find(caller.tenant_id, body.assistant_id)
-    if assistant is None and body.assistant_id in GRAPHS:
-        assistant = await svc.db.assistants.ensure_system(caller.tenant_id, body.assistant_id)
-    if not assistant:
-        raise not_found("assistant", body.assistant_id)
-    if body.config or body.context:
-        svc.agents.validate(
-            assistant["graph_id"],
-            body.config,
-            body.context,
-            assistant=(assistant["config"], assistant["context"]),
-        )
-    return assistant
-
-
-async def run_events(
-    svc: Services, run_id: str, after: int, idle_s: float | None = None, fresh: bool = False
-) -> AsyncIterator[StreamEvent | None]:
-    """A run's events after ``after``: the stored ones, then live ones until it ends, from
-    this process or, on PostgreSQL, from the worker executing it elsewhere; with ``idle_s``,
-    ``None`` after each ``idle_s`` seconds without one.
-
-    A ``fresh`` run (queued by this request) has no stored events yet; a run followed live to
-    its end has had every event delivered: neither needs the database.
-    """
-    last = after
-    if not (fresh and svc.broker.is_live(run_id)):
-        for event in await svc.db.runs.events(run_id, after):
-            last = event[0]
-            yield event
-    if svc.broker.is_live(run_id):
-        async for live in svc.broker.subscribe(run_id, last, idle_s):
-            if live is not None:
-                last = live[0]
-            yield live
-        if not svc.pool.gone(run_id):
-            return  # it ended here: every event was delivered
-    if svc.follower is not None and not await svc.db.runs.ended(run_id):
-        async for remote in svc.follower.follow(run_id, last, idle_s):
-            yield remote
-        return
-    for event in await svc.db.runs.events(run_id, last):
-        yield event
-
-
 async def events(
     svc: Services, run_id: str, modes: set[str], after: int, fresh: bool = False
 ) -> AsyncIterator[bytes]:
-    """SSE frames of a run (see :func:`run_events`), with heartbeats while it is quiet."""
+    """SSE frames of a run (see :meth:`RunService.events`), with heartbeats while it is quiet."""
     idle_s = svc.settings.sse_heartbeat_s or None
-    async for event in run_events(svc, run_id, after, idle_s, fresh):
+    async for event in svc.runs.events(run_id, after, idle_s, fresh):
         if event is None:  # quiet for a while: keep proxies and clients from timing out
             yield HEARTBEAT
             continue
@@ -254,14 +104,13 @@ def _sse(
                 yield frame
             finished = True
             if stateless and not resumable:  # nobody can come back for it: clean up now
-                await _finish_stateless(svc, run, ended=True)  # its events ended with it
+                await svc.runs.finish_stateless(run, ended=True)  # its events ended with it
         finally:
             if not finished and cancel_on_disconnect:
                 # The client is gone and this task is being cancelled: without the shield the
                 # first await below would be cancelled too, and the run would go on.
                 with anyio.CancelScope(shield=True):
-                    await svc.db.runs.cancel(run["tenant_id"], run["run_id"], None, "interrupt")
-                svc.pool.cancel_everywhere(run["run_id"])
+                    await svc.runs.cancel(run["tenant_id"], run["run_id"], None)
 
     headers = {"Content-Location": location, "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
     if resumable:  # the client reconnects to Location with Last-Event-ID when the stream breaks
@@ -297,40 +146,6 @@ class _EventStream(StreamingResponse):
                     await close()
 
 
-async def wait_for(svc: Services, run: Mapping[str, Any]) -> dict[str, Any]:
-    """Wait for a run to end; returns it as stored."""
-    done = svc.pool.done_event(run["run_id"])
-    if done is not None:
-        await done.wait()
-    if done is None or done.outcome is None:  # it ran (or runs) elsewhere, or not at all
-        if svc.follower is not None:
-            # (``run`` may be the row as queued, pending, though the run has ended since)
-            await svc.follower.wait(run["run_id"])
-        else:
-            while await svc.db.runs.status(run["run_id"]) in ACTIVE:  # noqa: ASYNC110
-                await asyncio.sleep(0.2)
-    final = await svc.db.runs.get(run["tenant_id"], run["run_id"])
-    return final or dict(run)
-
-
-async def _final_values(svc: Services, run: Mapping[str, Any]) -> dict[str, Any]:
-    """The thread's values when the run ends (with ``__error__`` if it failed)."""
-    done = svc.pool.done_event(run["run_id"])
-    if done is not None:
-        await done.wait()
-    if done is not None and done.outcome is not None:  # ended here: no need to read it back
-        status, error, values = done.outcome
-    else:
-        final = await wait_for(svc, run)
-        thread = await svc.db.threads.get(run["tenant_id"], run["thread_id"])
-        status, error = final["status"], final.get("error")
-        values = thread["values"] if thread else {}
-    values = dict(values)
-    if status == "error":
-        values["__error__"] = {"error": "RunError", "message": error or "the run failed"}
-    return values
-
-
 def _last_event_id(value: str | None) -> int:
     if not value:
         return -1
@@ -338,15 +153,6 @@ def _last_event_id(value: str | None) -> int:
         return int(value)
     except ValueError:
         raise APIError(422, f"Last-Event-ID must be an event number, got {value!r}") from None
-
-
-async def _finish_stateless(svc: Services, run: Mapping[str, Any], ended: bool = False) -> None:
-    """Delete a stateless run's thread (unless kept) once the run is over (``ended``: it is
-    known to be)."""
-    if (run["kwargs"].get("on_completion") or "delete") == "delete":
-        if not ended:
-            await wait_for(svc, run)
-        await svc.db.threads.delete(run["tenant_id"], run["thread_id"])
 
 
 async def _start(
@@ -430,7 +236,7 @@ async def wait_thread_run(
     run = (await create_run(svc, caller, thread_id, body, idempotency_key=idempotency_key)).run
     response.headers["Content-Location"] = run_path(run, False)
     response.headers["Location"] = run_path(run, False) + "/join"
-    return await _final_values(svc, run)
+    return await svc.runs.final_values(run)
 
 
 @router.get("/threads/{thread_id}/runs")
@@ -486,10 +292,9 @@ async def cancel_run(
 ) -> Response:
     """Cancel an active run (``action`` interrupt or rollback)."""
     run = await _get_run(svc, caller.tenant_id, run_id, thread_id)
-    await svc.db.runs.cancel(caller.tenant_id, run_id, thread_id, action)
-    svc.pool.cancel_everywhere(run_id)
+    await svc.runs.cancel(caller.tenant_id, run_id, thread_id, action)
     if wait:
-        await wait_for(svc, run)
+        await svc.runs.wait(run)
     return Response(status_code=202 if not wait else 204)
 
 
@@ -497,7 +302,7 @@ async def cancel_run(
 async def join_run(thread_id: str, run_id: str, svc: Svc, caller: Caller) -> dict[str, Any]:
     """Wait for a run and return the thread's values."""
     run = await _get_run(svc, caller.tenant_id, run_id, thread_id)
-    return await _final_values(svc, run)
+    return await svc.runs.final_values(run)
 
 
 @router.get("/threads/{thread_id}/runs/{run_id}/stream")
@@ -560,8 +365,8 @@ async def wait_stateless_run(
     """Run on a temporary thread and return its final values."""
     run = (await create_run(svc, caller, None, body, idempotency_key=idempotency_key)).run
     response.headers["Content-Location"] = run_path(run, True)
-    values = await _final_values(svc, run)
-    await _finish_stateless(svc, run, ended=True)
+    values = await svc.runs.final_values(run)
+    await svc.runs.finish_stateless(run, ended=True)
     return values
 
 

@@ -432,6 +432,7 @@ async def stored_keys(database_url: str) -> list[dict[str, Any]]:
         await conn.close()
 
 
+@pytest.mark.live  # reads the server's log
 async def test_keys_are_never_logged_and_stored_hashed(server: LiveServer, world: World) -> None:
     keys = list(world.keys)
     for scope in ("admin", "read-only"):

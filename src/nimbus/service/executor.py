@@ -29,7 +29,7 @@ from nimbus.core.runtime import AgentRun
 from nimbus.core.tool import Tool
 from nimbus.exceptions import ConfigError, LeaseLost, NimbusError, RunFailed
 from nimbus.ports import Store
-from nimbus.records import Assistant, Run, StepWrite, ThreadHead
+from nimbus.records import Assistant, Outcome, Run, StepWrite, ThreadHead
 from nimbus.service.agents import AgentFactory, agent_settings, build_agent
 from nimbus.service.broker import RunBroker
 from nimbus.service.checkpoints import CheckpointChain
@@ -200,7 +200,7 @@ class RunExecution:
         self.saved_any = False  # a step of this attempt was written
         self.lease_token: int = run.get("lease_token") or 0
         self.others_waiting = False  # at the end: the thread has other runs waiting
-        self.outcome: tuple[str, str | None, dict[str, Any]] | None = None
+        self.outcome: Outcome | None = None
         self.durability: str = kwargs.get("durability") or "sync"  # runs queued before it
         self.max_state_bytes = agents.max_thread_bytes
         self.checkpoints = RunCheckpoints(self)

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Response
 
 from nimbus.adapters.api.deps import Caller, Reader, Svc
-from nimbus.adapters.api.errors import APIError, not_found
+from nimbus.adapters.api.errors import APIError
 from nimbus.adapters.api.schemas import NamespaceList, StoreDelete, StorePut, StoreSearch
 from nimbus.adapters.store.items import SEP
 
@@ -50,13 +50,12 @@ async def get_item(
     key: str,
     namespace: Annotated[str | None, Query()] = None,
     refresh_ttl: bool | None = None,
-) -> dict[str, Any]:
-    """One item; ``namespace`` is dot-separated."""
+) -> dict[str, Any] | None:
+    """One item, or null when there is none (as LangGraph answers: the SDKs' ``get_item``
+    returns None); ``namespace`` is dot-separated."""
     labels = _labels(namespace.split(".")) if namespace else []
     item = await svc.db.items.get(caller.tenant_id, labels, key)
-    if item is None:
-        raise not_found("item", key)
-    return _public(item)
+    return None if item is None else _public(item)
 
 
 @router.delete("/items", status_code=204)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection
 from typing import Any, Protocol
 
 from nimbus.core.model import Model
-from nimbus.records import Assistant, ClaimedRun, Event, Queued, Run, StepWrite
+from nimbus.records import ACTIVE, Assistant, ClaimedRun, Event, Queued, Run, StepWrite
 
 
 class RunStore(Protocol):
@@ -205,6 +205,18 @@ class RunRequests(RunStore, Protocol):
 
     async def cancel(self, tenant_id: str, run_id: str, thread_id: str | None, action: str) -> bool:
         """Mark an active run interrupted (``action``: interrupt or rollback)."""
+        ...
+
+    async def cancel_many(
+        self,
+        tenant_id: str,
+        action: str,
+        *,
+        run_ids: list[str] | None = None,
+        thread_id: str | None = None,
+        statuses: tuple[str, ...] = ACTIVE,
+    ) -> list[str]:
+        """Mark a tenant's active runs interrupted (by id, else by status); their ids."""
         ...
 
 

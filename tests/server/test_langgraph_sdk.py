@@ -323,3 +323,75 @@ async def test_quiet_streams_get_heartbeats_that_clients_skip(
         assert parts[0].event == "metadata"
         assert all(p.event in ("metadata", "values") for p in parts)  # heartbeats skipped
         assert parts[-1].data["messages"][-1]["content"] == "The result is 42."
+
+
+ASK = {"messages": [{"role": "user", "content": "6 * 7?"}]}
+
+
+async def test_create_batch_and_state_at_a_checkpoint(server: LiveServer) -> None:
+    """``runs.create_batch`` (``POST /runs/batch``) and ``threads.get_state(checkpoint=…)``
+    (``POST /threads/{id}/state/checkpoint``): both were 404s."""
+    client = get_client(url=server.url, api_key=server.admin_key)
+    assistant = await client.assistants.create(graph_id="agent", config=CALC)
+    made = await client.runs.create_batch(
+        [{"assistant_id": assistant["assistant_id"], "input": ASK} for _ in range(3)]
+    )
+    assert len({r["run_id"] for r in made}) == 3
+    for run in made:  # real runs: each ends, on a thread of its own
+        ended = await client.runs.join(run["thread_id"], run["run_id"])
+        assert ended["messages"][-1]["content"] == "The result is 42."
+    thread = await client.threads.create()
+    await client.runs.wait(thread["thread_id"], assistant["assistant_id"], input=ASK)
+    history = await client.threads.get_history(thread["thread_id"])
+    first = history[-1]
+    at = await client.threads.get_state(
+        thread["thread_id"], checkpoint={"checkpoint_id": first["checkpoint"]["checkpoint_id"]}
+    )
+    assert at["values"] == first["values"] and at["values"] != history[0]["values"]
+    with pytest.raises(NotFoundError):
+        await client.threads.get_state(thread["thread_id"], checkpoint={"checkpoint_id": "nope"})
+
+
+async def test_cancel_many(server: LiveServer) -> None:
+    """``runs.cancel_many`` (``POST /runs/cancel``): by run ids of a thread, then by status;
+    another tenant's runs are never touched."""
+    server.fake.latency = 5.0  # the runs stay active while they are cancelled
+    client = get_client(url=server.url, api_key=(await _tenant_key(server, "t-cancel")))
+    other = get_client(url=server.url, api_key=(await _tenant_key(server, "t-other")))
+    assistant = await client.assistants.create(graph_id="agent", config=CALC)
+    theirs = await other.assistants.create(graph_id="agent", config=CALC)
+    thread = await client.threads.create()
+    queued = [
+        await client.runs.create(
+            thread["thread_id"], assistant["assistant_id"], input=ASK, multitask_strategy="enqueue"
+        )
+        for _ in range(3)
+    ]
+    untouched = await other.runs.create(None, theirs["assistant_id"], input=ASK)
+    await client.runs.cancel_many(
+        thread_id=thread["thread_id"], run_ids=[r["run_id"] for r in queued[:2]]
+    )
+    statuses = [(await client.runs.get(thread["thread_id"], r["run_id"]))["status"] for r in queued]
+    assert statuses[:2] == ["interrupted", "interrupted"] and statuses[2] != "interrupted"
+    await client.runs.cancel_many(status="all")
+    last = await client.runs.get(thread["thread_id"], queued[2]["run_id"])
+    assert last["status"] == "interrupted"
+    assert (await other.runs.get(untouched["thread_id"], untouched["run_id"]))["status"] in (
+        "pending",
+        "running",
+    )
+    async with httpx.AsyncClient(base_url=server.url, headers=_headers(server)) as raw:
+        refused = await raw.post("/runs/cancel", json={"thread_id": thread["thread_id"]})
+        assert refused.status_code == 422 and "run_ids" in refused.text
+    await other.runs.cancel(untouched["thread_id"], untouched["run_id"])
+
+
+def _headers(server: LiveServer) -> dict[str, str]:
+    return {"x-api-key": server.admin_key}
+
+
+async def _tenant_key(server: LiveServer, tenant: str) -> str:
+    async with httpx.AsyncClient(base_url=server.url, headers=_headers(server)) as raw:
+        made = await raw.post("/admin/keys", json={"tenant_id": tenant, "scope": "read-write"})
+        assert made.status_code == 200, made.text
+        return str(made.json()["key"])

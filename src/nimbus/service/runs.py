@@ -210,6 +210,24 @@ class RunService:
         await self.store.runs.cancel(tenant_id, run_id, thread_id, action)
         self.workers.cancel_everywhere(run_id)
 
+    async def cancel_many(
+        self,
+        tenant_id: str,
+        action: str,
+        *,
+        run_ids: list[str] | None = None,
+        thread_id: str | None = None,
+        statuses: tuple[str, ...] = ACTIVE,
+    ) -> list[str]:
+        """Cancel a tenant's active runs (by id, else every one with a status) wherever they
+        execute; their ids."""
+        cancelled = await self.store.runs.cancel_many(
+            tenant_id, action, run_ids=run_ids, thread_id=thread_id, statuses=statuses
+        )
+        for run_id in cancelled:
+            self.workers.cancel_everywhere(run_id)
+        return cancelled
+
     async def finish_stateless(self, run: Mapping[str, Any], ended: bool = False) -> None:
         """Delete a stateless run's thread (unless kept) once the run is over (``ended``:
         it is known to be)."""

@@ -218,6 +218,34 @@ class RunCreate(Body):
     feedback_keys: list[str] | None = None
 
 
+class RunsCancel(Body):
+    """``POST /runs/cancel`` (the SDK's ``cancel_many``): runs by id (of a thread, if given),
+    or every run of the caller with a status."""
+
+    thread_id: str | None = Field(default=None, max_length=64)
+    run_ids: list[str] | None = Field(default=None, max_length=1000)
+    status: Literal["pending", "running", "all"] | None = None
+
+    @model_validator(mode="after")
+    def _one_way(self) -> RunsCancel:
+        if bool(self.run_ids) == bool(self.status):
+            raise ValueError("give either run_ids (with thread_id or not) or status")
+        if self.thread_id is not None and not self.run_ids:
+            raise ValueError("thread_id goes with run_ids")
+        return self
+
+
+class StateAt(Body):
+    """``POST /threads/{id}/state/checkpoint`` (the SDK's ``get_state(checkpoint=…)``)."""
+
+    checkpoint: CheckpointRef
+    subgraphs: bool = False
+    select: list[str] | None = None
+
+
+MAX_BATCH = 100  #: runs in one ``POST /runs/batch``
+
+
 class StorePut(Body):
     namespace: list[str] = Field(min_length=1, max_length=20)
     key: str = Field(min_length=1, max_length=1000)

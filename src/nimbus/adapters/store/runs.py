@@ -312,6 +312,27 @@ class RunStore:
                 return found is not None
         return True
 
+    async def cancel_many(
+        self,
+        tenant_id: str,
+        action: str,
+        *,
+        run_ids: list[str] | None = None,
+        thread_id: str | None = None,
+        statuses: tuple[str, ...] = ACTIVE,
+    ) -> list[str]:
+        """Mark a tenant's active runs interrupted: those of ``run_ids`` (of ``thread_id``, if
+        given), else all with one of ``statuses``; returns their ids."""
+        query = update(runs).where(runs.c.tenant_id == tenant_id, runs.c.status.in_(statuses))
+        if run_ids is not None:
+            query = query.where(runs.c.run_id.in_(run_ids))
+        if thread_id is not None:
+            query = query.where(runs.c.thread_id == thread_id)
+        values = {"status": "interrupted", "error": f"cancelled ({action})", "updated_at": now()}
+        async with self.engine.begin() as conn:
+            found = await conn.execute(query.values(**values).returning(runs.c.run_id))
+            return list(found.scalars())
+
     async def unfinished(self) -> list[Run]:
         """Runs that were queued or running (to resume after a restart), oldest first."""
         async with self.auto.connect() as conn:

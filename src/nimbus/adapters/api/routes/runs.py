@@ -8,15 +8,17 @@ from typing import Annotated, Any, Literal
 import anyio
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from pydantic import Field
 from starlette.types import Receive, Scope, Send
 
 from nimbus.adapters.api.deps import Caller, Services, Svc
 from nimbus.adapters.api.errors import APIError, not_found
 from nimbus.adapters.api.routes.threads import get_thread
 from nimbus.adapters.api.run_requests import create_run
-from nimbus.adapters.api.schemas import RunCreate
+from nimbus.adapters.api.schemas import MAX_BATCH, RunCreate, RunsCancel
 from nimbus.adapters.api.streams import TenantStreams
 from nimbus.adapters.store.keys import Principal
+from nimbus.records import ACTIVE
 from nimbus.service.executor import stream_modes
 
 router = APIRouter(tags=["runs"])
@@ -344,6 +346,38 @@ async def create_stateless_run(
 ) -> dict[str, Any]:
     """Start a run on a temporary thread."""
     return await _start(svc, caller, None, body, idempotency_key, response)
+
+
+@router.post("/runs/batch")
+async def create_run_batch(
+    body: Annotated[list[RunCreate], Field(min_length=1, max_length=MAX_BATCH)],
+    svc: Svc,
+    caller: Caller,
+) -> list[dict[str, Any]]:
+    """Start stateless runs in the background, one per payload, in order (the SDK's
+    ``create_batch``)."""
+    return [public((await create_run(svc, caller, None, run)).run) for run in body]
+
+
+@router.post("/runs/cancel", status_code=204)
+async def cancel_runs(
+    body: RunsCancel,
+    svc: Svc,
+    caller: Caller,
+    action: Literal["interrupt", "rollback"] = "interrupt",
+) -> Response:
+    """Cancel runs (the SDK's ``cancel_many``): those of ``run_ids`` (of ``thread_id``, if
+    given) that are active, or every active run of the caller with ``status`` (``all``:
+    pending and running). Runs of other tenants are never touched."""
+    statuses = ACTIVE if body.status in (None, "all") else (body.status,)
+    await svc.runs.cancel_many(
+        caller.tenant_id,
+        action,
+        run_ids=body.run_ids,
+        thread_id=body.thread_id,
+        statuses=statuses,
+    )
+    return Response(status_code=204)
 
 
 @router.post("/runs/stream")

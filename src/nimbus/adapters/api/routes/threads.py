@@ -11,6 +11,7 @@ from nimbus.adapters.api.errors import APIError, not_found
 from nimbus.adapters.api.schemas import (
     CheckpointRef,
     HistoryQuery,
+    StateAt,
     StateUpdate,
     ThreadCount,
     ThreadCreate,
@@ -159,6 +160,18 @@ async def thread_state_at(
     if checkpoint is None:
         raise not_found("checkpoint", checkpoint_id)
     return state(thread_id, checkpoint, checkpoint["values"])
+
+
+@router.post("/{thread_id}/state/checkpoint")
+async def thread_state_at_checkpoint(
+    thread_id: str, body: StateAt, svc: Svc, caller: Reader
+) -> dict[str, Any]:
+    """The thread's state at ``checkpoint.checkpoint_id`` (the current one without it): what
+    the SDK's ``get_state(checkpoint=…)`` asks for."""
+    checkpoint_id = body.checkpoint.checkpoint_id
+    if checkpoint_id is None:
+        return await thread_state(thread_id, svc, caller)
+    return await thread_state_at(thread_id, checkpoint_id, svc, caller)
 
 
 @router.post("/{thread_id}/state")

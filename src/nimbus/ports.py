@@ -214,9 +214,14 @@ class RunRequests(RunStore, Protocol):
         *,
         run_ids: list[str] | None = None,
         thread_id: str | None = None,
+        assistant_id: str | None = None,
         statuses: tuple[str, ...] = ACTIVE,
     ) -> list[str]:
         """Mark a tenant's active runs interrupted (by id, else by status); their ids."""
+        ...
+
+    async def delete_of_assistant(self, tenant_id: str, assistant_id: str) -> int:
+        """Delete the ended runs of an assistant (with their events); how many."""
         ...
 
 

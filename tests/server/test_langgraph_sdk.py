@@ -395,3 +395,25 @@ async def _tenant_key(server: LiveServer, tenant: str) -> str:
         made = await raw.post("/admin/keys", json={"tenant_id": tenant, "scope": "read-write"})
         assert made.status_code == 200, made.text
         return str(made.json()["key"])
+
+
+async def test_deleting_an_assistant_deletes_its_runs(server: LiveServer) -> None:
+    """As LangGraph: the runs of a deleted assistant are gone (an active one is cancelled
+    first); another assistant's runs on the same thread stay."""
+    client = get_client(url=server.url, api_key=server.admin_key)
+    doomed = await client.assistants.create(graph_id="agent", config=CALC)
+    kept = await client.assistants.create(graph_id="agent", config=CALC)
+    thread = await client.threads.create()
+    t = thread["thread_id"]
+    done = await client.runs.create(t, doomed["assistant_id"], input=ASK)
+    await client.runs.join(t, done["run_id"])
+    other = await client.runs.create(t, kept["assistant_id"], input=ASK)
+    await client.runs.join(t, other["run_id"])
+    server.fake.latency = 5.0
+    active = await client.runs.create(t, doomed["assistant_id"], input=ASK)
+    await client.assistants.delete(doomed["assistant_id"])
+    assert [r["run_id"] for r in await client.runs.list(t)] == [other["run_id"]]
+    for gone in (done, active):
+        with pytest.raises(NotFoundError):
+            await client.runs.get(t, gone["run_id"])
+    assert (await client.threads.get(t))["status"] != "busy"  # its cancelled run ended

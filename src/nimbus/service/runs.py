@@ -10,6 +10,7 @@ statement; the runs it interrupts are stopped wherever they execute.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from nimbus.service.broker import RunBroker
 from nimbus.service.feed import FeedFollower
 from nimbus.service.workers import Workers
 
+FORGET_WAIT_S = 10.0  #: how long deleting an assistant waits for its cancelled runs to end
 #: how a run finished, as a waiter gets it: its row as stored
 Row = dict[str, Any]
 
@@ -217,16 +219,32 @@ class RunService:
         *,
         run_ids: list[str] | None = None,
         thread_id: str | None = None,
+        assistant_id: str | None = None,
         statuses: tuple[str, ...] = ACTIVE,
     ) -> list[str]:
-        """Cancel a tenant's active runs (by id, else every one with a status) wherever they
-        execute; their ids."""
+        """Cancel a tenant's active runs (by id, else every one with a status, of an
+        assistant if given) wherever they execute; their ids."""
         cancelled = await self.store.runs.cancel_many(
-            tenant_id, action, run_ids=run_ids, thread_id=thread_id, statuses=statuses
+            tenant_id,
+            action,
+            run_ids=run_ids,
+            thread_id=thread_id,
+            assistant_id=assistant_id,
+            statuses=statuses,
         )
         for run_id in cancelled:
             self.workers.cancel_everywhere(run_id)
         return cancelled
+
+    async def forget_assistant(self, tenant_id: str, assistant_id: str) -> None:
+        """Before an assistant is deleted: its active runs are cancelled and waited for (a
+        few seconds at most), then its runs are deleted, as LangGraph does."""
+        cancelled = await self.cancel_many(tenant_id, "interrupt", assistant_id=assistant_id)
+        ends = [self.wait({"run_id": r, "tenant_id": tenant_id}) for r in cancelled]
+        if ends:
+            with contextlib.suppress(TimeoutError):  # what is left is kept, not deleted
+                await asyncio.wait_for(asyncio.gather(*ends), FORGET_WAIT_S)
+        await self.store.runs.delete_of_assistant(tenant_id, assistant_id)
 
     async def finish_stateless(self, run: Mapping[str, Any], ended: bool = False) -> None:
         """Delete a stateless run's thread (unless kept) once the run is over (``ended``:

@@ -292,6 +292,20 @@ class RunStore:
             await conn.execute(delete(run_attempts).where(run_attempts.c.run_id == run_id))
         return bool(result.rowcount)
 
+    async def delete_of_assistant(self, tenant_id: str, assistant_id: str) -> int:
+        """Delete the ended runs of an assistant, with their events and attempts (as
+        LangGraph does when the assistant is deleted); how many."""
+        of_it = (runs.c.tenant_id == tenant_id, runs.c.assistant_id == assistant_id)
+        ended = select(runs.c.run_id).where(*of_it, runs.c.status.not_in(ACTIVE))
+        async with self.engine.begin() as conn:
+            ids = list((await conn.execute(ended)).scalars())
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                await conn.execute(delete(run_events).where(run_events.c.run_id.in_(chunk)))
+                await conn.execute(delete(run_attempts).where(run_attempts.c.run_id.in_(chunk)))
+                await conn.execute(delete(runs).where(*of_it, runs.c.run_id.in_(chunk)))
+        return len(ids)
+
     async def cancel(self, tenant_id: str, run_id: str, thread_id: str | None, action: str) -> bool:
         """Mark an active run interrupted (the worker stops it); False if not found."""
         query = update(runs).where(
@@ -319,15 +333,19 @@ class RunStore:
         *,
         run_ids: list[str] | None = None,
         thread_id: str | None = None,
+        assistant_id: str | None = None,
         statuses: tuple[str, ...] = ACTIVE,
     ) -> list[str]:
         """Mark a tenant's active runs interrupted: those of ``run_ids`` (of ``thread_id``, if
-        given), else all with one of ``statuses``; returns their ids."""
+        given), else all with one of ``statuses`` (of ``assistant_id``, if given); returns
+        their ids."""
         query = update(runs).where(runs.c.tenant_id == tenant_id, runs.c.status.in_(statuses))
         if run_ids is not None:
             query = query.where(runs.c.run_id.in_(run_ids))
         if thread_id is not None:
             query = query.where(runs.c.thread_id == thread_id)
+        if assistant_id is not None:
+            query = query.where(runs.c.assistant_id == assistant_id)
         values = {"status": "interrupted", "error": f"cancelled ({action})", "updated_at": now()}
         async with self.engine.begin() as conn:
             found = await conn.execute(query.values(**values).returning(runs.c.run_id))

@@ -124,7 +124,9 @@ async def patch_assistant(
 
 @router.delete("/{assistant_id}", status_code=204)
 async def delete_assistant(assistant_id: str, svc: Svc, caller: Caller) -> Response:
-    """Delete an assistant and its versions."""
+    """Delete an assistant, its versions and its runs (active ones are cancelled first)."""
+    await _get(svc, caller.tenant_id, assistant_id)
+    await svc.runs.forget_assistant(caller.tenant_id, assistant_id)
     if not await svc.db.assistants.delete(caller.tenant_id, assistant_id):
         raise not_found("assistant", assistant_id)
     return Response(status_code=204)

@@ -141,10 +141,15 @@ async def test_assistant_lifecycle(server: LiveServer) -> None:
 
 async def test_threads_and_store(server: LiveServer) -> None:
     client = get_client(url=server.url, api_key=server.admin_key)
-    t = await client.threads.create(metadata={"user": "ada"})
+    bare = await client.threads.create()
+    with pytest.raises(httpx.HTTPStatusError) as refused:  # as LangGraph: no graph yet
+        await client.threads.update_state(bare["thread_id"], {"messages": []})
+    assert refused.value.response.status_code == 400
+    assert "no graph yet" in refused.value.response.text
+    t = await client.threads.create(metadata={"user": "ada"}, graph_id="agent")
     await client.threads.update(t["thread_id"], metadata={"topic": "math"})
     got = await client.threads.get(t["thread_id"])
-    assert got["metadata"] == {"user": "ada", "topic": "math"}
+    assert got["metadata"] == {"user": "ada", "graph_id": "agent", "topic": "math"}
     assert got["status"] == "idle"
     assert [x["thread_id"] for x in await client.threads.search(metadata={"user": "ada"})] == [
         t["thread_id"]

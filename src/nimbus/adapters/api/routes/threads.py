@@ -207,6 +207,13 @@ async def update_state(
         else:
             index[message_id] = len(messages)
             messages.append(shaped)
+    if row["checkpoint_id"] is None and not row["metadata"].get("graph_id"):
+        # as LangGraph: a thread's state is its graph's, and this one has none yet
+        raise APIError(
+            400,
+            f"thread {thread_id!r} has no graph yet: run it first, or create it with a "
+            "graph_id (metadata.graph_id)",
+        )
     async with svc.db.engine.begin() as conn:
         checkpoint_id = await ThreadStore.save_checkpoint(
             conn,

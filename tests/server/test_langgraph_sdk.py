@@ -422,3 +422,40 @@ async def test_deleting_an_assistant_deletes_its_runs(server: LiveServer) -> Non
         with pytest.raises(NotFoundError):
             await client.runs.get(t, gone["run_id"])
     assert (await client.threads.get(t))["status"] != "busy"  # its cancelled run ended
+
+
+async def test_the_events_stream_carries_each_step_s_start_and_end(server: LiveServer) -> None:
+    """``stream_mode="events"``: besides the model's tokens, the start and end of the graph,
+    of each node, of each model call and of each tool call (before: tokens only)."""
+    client = get_client(url=server.url, api_key=server.admin_key)
+    assistant = await client.assistants.create(graph_id="agent", config=CALC)
+    parts = [
+        part.data
+        async for part in client.runs.stream(
+            None, assistant["assistant_id"], input=ASK, stream_mode="events"
+        )
+        if part.event == "events"
+    ]
+    seen = [(p["event"], p["name"]) for p in parts if p["event"] != "on_chat_model_stream"]
+    assert seen[0] == ("on_chain_start", "LangGraph") and seen[-1] == ("on_chain_end", "LangGraph")
+    model = "openai:fake-model"
+    assert seen[1:-1] == [
+        ("on_chain_start", "agent"),
+        ("on_chat_model_start", model),
+        ("on_chat_model_end", model),
+        ("on_chain_end", "agent"),
+        ("on_tool_start", "calculator"),
+        ("on_tool_end", "calculator"),
+        ("on_chain_start", "agent"),
+        ("on_chat_model_start", model),
+        ("on_chat_model_end", model),
+        ("on_chain_end", "agent"),
+    ]
+    by_kind = {(p["event"], p["name"]): p for p in parts}
+    assert by_kind[("on_tool_start", "calculator")]["data"]["input"] == {"expression": "6 * 7"}
+    assert by_kind[("on_tool_end", "calculator")]["data"]["output"]["content"] == "42"
+    assert by_kind[("on_chain_start", "LangGraph")]["data"]["input"] == ASK
+    final = by_kind[("on_chain_end", "LangGraph")]["data"]["output"]["messages"]
+    assert final[-1]["content"] == "The result is 42."
+    assert any(p["event"] == "on_chat_model_stream" for p in parts)
+    assert by_kind[("on_chat_model_end", model)]["metadata"]["langgraph_node"] == "agent"

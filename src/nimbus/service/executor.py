@@ -16,12 +16,15 @@ from nimbus.core.agent import Agent
 from nimbus.core.checkpoint import RunState, state_from_json, state_to_json
 from nimbus.core.events import (
     Event,
+    ModelRequested,
     ModelResponded,
     RunFailedEvent,
+    RunFinished,
     RunStarted,
     StepFinished,
     TextDeltaEvent,
     ToolCallFinished,
+    ToolCallStarted,
 )
 from nimbus.core.messages import AssistantMessage, Message, SystemMessage
 from nimbus.core.model import Model
@@ -369,6 +372,8 @@ class RunExecution:
     def on_event(self, event: Event) -> None:
         modes, emit, state = self.modes, self.emit, self.state
         model_id = self.agent.model if self.agent is not None else ""
+        if "events" in modes:
+            self._lifecycle(event, model_id)
         if isinstance(event, RunStarted):
             emit("metadata", {"run_id": self.run_id, "attempt": self.run.get("attempts", 1)})
             if "values" in modes:
@@ -453,6 +458,57 @@ class RunExecution:
         elif isinstance(event, RunFailedEvent):
             pass  # reported by finish()
 
+    def _lifecycle(self, event: Event, model_id: str) -> None:
+        """``stream_mode="events"``: the start and end of the graph, of each node (``agent``,
+        ``tools``), of each model call and of each tool call, in LangChain's astream_events
+        shape (the model's tokens are its ``on_chat_model_stream`` events)."""
+        state = self.state
+        if isinstance(event, RunStarted):
+            self._ev("on_chain_start", "LangGraph", {"input": self.kwargs.get("input")})
+        elif isinstance(event, ModelRequested):
+            self._ev("on_chain_start", "agent", {}, event.step, "agent")
+            messages = self.values(state)["messages"]
+            self._ev("on_chat_model_start", model_id, {"input": {"messages": [messages]}},
+                     event.step, "agent")  # fmt: skip
+        elif isinstance(event, ModelResponded):
+            message = to_lg(event.message, self.message_id(len(state.messages)))
+            self._ev("on_chat_model_end", model_id, {"output": message}, event.step, "agent")
+            update = {"messages": [message]}
+            self._ev("on_chain_end", "agent", {"output": update}, event.step, "agent")
+        elif isinstance(event, ToolCallStarted):
+            call = event.call
+            self._ev("on_tool_start", call.name, {"input": _arguments(call.arguments)},
+                     event.step, "tools")  # fmt: skip
+        elif isinstance(event, ToolCallFinished):
+            message = to_lg(event.result, self.message_id(len(state.messages) - 1))
+            self._ev("on_tool_end", event.result.name, {"output": message}, event.step, "tools")
+        elif isinstance(event, RunFinished | RunFailedEvent):
+            self._ev("on_chain_end", "LangGraph", {"output": self.values(state)})
+
+    def _ev(
+        self,
+        kind: str,
+        name: str,
+        data: dict[str, Any],
+        step: int | None = None,
+        node: str | None = None,
+    ) -> None:
+        meta = self.meta if node is None else {
+            **self.meta, "langgraph_node": node, "langgraph_step": step
+        }  # fmt: skip
+        self.emit(
+            "events",
+            {
+                "event": kind,
+                "name": name,
+                "run_id": self.run_id,
+                "data": data,
+                "metadata": meta,
+                "tags": [],
+                "parent_ids": [],
+            },
+        )
+
     def _debug(self, kind: str, step: int, payload: dict[str, Any]) -> dict[str, Any]:
         return {
             "type": kind,
@@ -460,6 +516,14 @@ class RunExecution:
             "step": step,
             "payload": payload,
         }
+
+
+def _arguments(text: str) -> Any:
+    """A tool call's arguments as JSON (the text itself when it is not JSON)."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
 
 
 def final_answer(values: dict[str, Any]) -> AssistantMessage | None:

@@ -388,7 +388,7 @@ class RunExecution:
                 "additional_kwargs": {},
                 "response_metadata": {},
             }
-            meta = {**self.meta, "langgraph_node": "agent", "langgraph_step": event.step}
+            meta = self._node_meta("agent", event.step)
             if "messages-tuple" in modes:
                 emit("messages", [chunk, meta])
             if "events" in modes:
@@ -419,7 +419,7 @@ class RunExecution:
             if "messages-tuple" in modes and (
                 event.message.tool_calls or not event.message.content
             ):
-                meta = {**self.meta, "langgraph_node": "agent", "langgraph_step": event.step}
+                meta = self._node_meta("agent", event.step)
                 emit("messages", [{**message, "type": "AIMessageChunk", "content": ""}, meta])
             if "messages" in modes:
                 emit("messages/complete", [message])
@@ -444,7 +444,7 @@ class RunExecution:
                     "messages",
                     [
                         message,
-                        {**self.meta, "langgraph_node": "tools", "langgraph_step": event.step},
+                        self._node_meta("tools", event.step),
                     ],
                 )
             if "messages" in modes:
@@ -468,8 +468,8 @@ class RunExecution:
         elif isinstance(event, ModelRequested):
             self._ev("on_chain_start", "agent", {}, event.step, "agent")
             messages = self.values(state)["messages"]
-            self._ev("on_chat_model_start", model_id, {"input": {"messages": [messages]}},
-                     event.step, "agent")  # fmt: skip
+            started = {"input": {"messages": [messages]}}
+            self._ev("on_chat_model_start", model_id, started, event.step, "agent")
         elif isinstance(event, ModelResponded):
             message = to_lg(event.message, self.message_id(len(state.messages)))
             self._ev("on_chat_model_end", model_id, {"output": message}, event.step, "agent")
@@ -477,13 +477,17 @@ class RunExecution:
             self._ev("on_chain_end", "agent", {"output": update}, event.step, "agent")
         elif isinstance(event, ToolCallStarted):
             call = event.call
-            self._ev("on_tool_start", call.name, {"input": _arguments(call.arguments)},
-                     event.step, "tools")  # fmt: skip
+            arguments = {"input": _arguments(call.arguments)}
+            self._ev("on_tool_start", call.name, arguments, event.step, "tools")
         elif isinstance(event, ToolCallFinished):
             message = to_lg(event.result, self.message_id(len(state.messages) - 1))
             self._ev("on_tool_end", event.result.name, {"output": message}, event.step, "tools")
         elif isinstance(event, RunFinished | RunFailedEvent):
             self._ev("on_chain_end", "LangGraph", {"output": self.values(state)})
+
+    def _node_meta(self, node: str, step: int | None) -> dict[str, Any]:
+        """The run's metadata as an event of one node's step carries it."""
+        return {**self.meta, "langgraph_node": node, "langgraph_step": step}
 
     def _ev(
         self,
@@ -493,9 +497,7 @@ class RunExecution:
         step: int | None = None,
         node: str | None = None,
     ) -> None:
-        meta = self.meta if node is None else {
-            **self.meta, "langgraph_node": node, "langgraph_step": step
-        }  # fmt: skip
+        meta = self.meta if node is None else self._node_meta(node, step)
         self.emit(
             "events",
             {

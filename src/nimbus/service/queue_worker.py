@@ -73,6 +73,11 @@ class QueueWorker(Workers):
         self._sweeper: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._renewed = time.monotonic()
+        # With a per-tenant cap, every claim goes through the queue's claim statement, which
+        # counts the tenant's running runs in the database: a run claimed as it is queued, or
+        # on its own, is not counted there until its claim commits, and one claimed by the
+        # statement meanwhile could pass the cap.
+        self.capped = self.tenant_max_running < self.concurrency
 
     async def start(self) -> None:
         """Start claiming runs: alive (heartbeat and liveness lock) before the first claim."""
@@ -112,9 +117,13 @@ class QueueWorker(Workers):
             self._open(run_id, run, assistant)
             self._start_task(run_id, tenant, (run, queued.thread))
 
+    def reserve(self, tenant_id: str) -> bool:
+        """See :meth:`Workers.reserve`: never for a capped tenant (see ``capped``)."""
+        return not self.capped and super().reserve(tenant_id)
+
     def _submit_unclaimed(self, run: Run, assistant: Assistant | None) -> None:
         run_id, tenant = run["run_id"], run["tenant_id"]
-        if self._slot_free(tenant):
+        if not self.capped and self._slot_free(tenant):
             self._open(run_id, run, assistant)
             self._claiming.add(run_id)
             self._start_task(run_id, tenant, None)
